@@ -77,8 +77,9 @@ def explicit_times(u, s, params: KineticParams, tau_max, std_u, std_s):
 
     Returns
     -------
-    Absolute times ``t`` of shape ``(n_cells, n_genes)``: ``tau`` for induced cells and
-    ``t_ + tau_`` for repressed ones, whichever reconstructed point lies closer.
+    ``(t, dist)``: absolute times of shape ``(n_cells, n_genes)`` (``tau`` for induced cells,
+    ``t_ + tau_`` for repressed ones, whichever reconstructed point lies closer) and the
+    squared scaled distance of each cell to its reconstructed point.
     """
     alpha, beta, gamma, t_ = params.alpha, params.beta, params.gamma, params.t_
     tau_on = jnp.clip(invert_phase(u, s, 0.0, 0.0, alpha, beta, gamma), 0.0, t_)
@@ -90,5 +91,7 @@ def explicit_times(u, s, params: KineticParams, tau_max, std_u, std_s):
         du, ds = (u - cu) / std_u, (s - cs) / std_s
         return du * du + ds * ds
 
-    on = distance(tau_on, 0.0, 0.0, alpha) <= distance(tau_off, u_, s_, 0.0)
-    return jnp.where(on, tau_on, t_ + tau_off)
+    d_on = distance(tau_on, 0.0, 0.0, alpha)
+    d_off = distance(tau_off, u_, s_, 0.0)
+    on = d_on <= d_off
+    return jnp.where(on, tau_on, t_ + tau_off), jnp.where(on, d_on, d_off)

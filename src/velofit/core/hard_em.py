@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from .exact_time import exact_times
 from .explicit_time import explicit_times
 from .kinetics import KineticParams
-from .mstep import GeneData, gene_loss, levenberg_marquardt, params_from_log, residuals
+from .mstep import GeneData, levenberg_marquardt, params_from_log, residuals
 
 #: Repression is searched until both species have decayed to 1% of the switch state.
 _REPRESSION_DECADES = jnp.log(100.0)
@@ -87,7 +87,7 @@ def repression_length(params: KineticParams):
     return _REPRESSION_DECADES / jnp.minimum(params.beta, params.gamma)
 
 
-def e_step(theta, t_prev, data: GeneData, exact: bool, config: EMConfig):
+def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig):
     """Reassign every cell's time given the parameters, never worsening any cell.
 
     Parameters
@@ -106,7 +106,7 @@ def e_step(theta, t_prev, data: GeneData, exact: bool, config: EMConfig):
 
     Returns
     -------
-    ``(n_cells, n_genes)`` absolute times.
+    ``(t, loss)``: ``(n_cells, n_genes)`` absolute times and the ``(n_genes,)`` loss at them.
     """
     p = params_from_log(theta)
     u = data.mu / p.scaling
@@ -115,23 +115,22 @@ def e_step(theta, t_prev, data: GeneData, exact: bool, config: EMConfig):
 
     def exact_branch():
         args = (u, data.ms, p, length, std_u, data.std_s, config.n_grid, config.n_newton)
-        return exact_times(*args)[0]
+        return exact_times(*args)
 
     def explicit_branch():
         return explicit_times(u, data.ms, p, length, std_u, data.std_s)
 
     if isinstance(exact, bool):
-        t_new = exact_branch() if exact else explicit_branch()
+        t, dist = exact_branch() if exact else explicit_branch()
     else:
-        t_new = jax.lax.cond(exact, exact_branch, explicit_branch)
-    if t_prev is None:
-        return t_new
-
-    def cell_distance(t):
-        ru, rs = residuals(theta, t, data)
-        return ru * ru + rs * rs
-
-    return jnp.where(cell_distance(t_new) <= cell_distance(t_prev), t_new, t_prev)
+        t, dist = jax.lax.cond(exact, exact_branch, explicit_branch)
+    if t_prev is not None:
+        ru, rs = residuals(theta, t_prev, data)
+        dist_prev = ru * ru + rs * rs
+        better = dist <= dist_prev
+        t = jnp.where(better, t, t_prev)
+        dist = jnp.where(better, dist, dist_prev)
+    return t, jnp.sum(data.weights * dist, axis=0)
 
 
 def init(data: GeneData, theta0) -> EMState:
@@ -148,12 +147,12 @@ def init(data: GeneData, theta0) -> EMState:
     -------
     :class:`EMState`.
     """
-    t = e_step(theta0, None, data, exact=False, config=EMConfig())
+    t, loss = e_step(theta0, None, data, exact=False, config=EMConfig())
     n_genes = theta0.shape[1]
     return EMState(
         theta=theta0,
         t=t,
-        loss=gene_loss(theta0, t, data),
+        loss=loss,
         damping=jnp.full(n_genes, 1e-2, theta0.dtype),
         converged=jnp.zeros(n_genes, bool),
         n_iter=jnp.zeros(n_genes, jnp.int32),
@@ -181,8 +180,7 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig) -> EMSta
     theta, damping, _ = levenberg_marquardt(
         state.theta, state.damping, state.loss, state.t, data, config.n_lm
     )
-    t = e_step(theta, state.t, data, exact, config)
-    loss = gene_loss(theta, t, data)
+    t, loss = e_step(theta, state.t, data, exact, config)
     active = ~state.converged
     gain = (state.loss - loss) / jnp.maximum(state.loss, 1e-300)
     keep = active[None, :]

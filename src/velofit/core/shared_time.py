@@ -1,0 +1,448 @@
+"""One time per cell for all genes: the shared clock of MODEL.md sections 3 and 5.
+
+Parametrisation
+---------------
+All cells share a clock ``t`` in ``[0, 1]``. Gene ``g`` follows the kinetics of MODEL.md
+section 1 in *clock units*: it sits at ``(0, 0)`` until its onset ``t0_g`` (any real number; a
+negative onset means the gene was already on when the observed process began), is induced
+for a length ``d_g`` and represses afterwards:
+
+    (u_g(t), s_g(t)) = trajectory(max(t - t0_g, 0); alpha_g, beta_g, gamma_g, t_ = d_g)
+
+Its parameters are the columns of ``theta`` (shape ``(6, n_genes)``), rows
+``log alpha, log beta, log gamma, log d, log scaling, t0`` (:data:`THETA_ROWS`). This is
+identifiable: a per-gene clock speed ``k_g`` would only rescale ``alpha, beta, gamma`` and
+``d``, so it is absorbed into them, and a per-gene clock map ``gene time = k_g (t - t0_g)`` of a
+per-gene fit becomes ``alpha k, beta k, gamma k, t_ / k, t0`` (:func:`theta_from_gene_fit`).
+The shared clock itself is defined up to one affine map common to all genes; velofit fixes it
+at initialisation, where the initial clock spans ``[0, 1]``.
+
+Data are standardised per gene (``x_u = Mu / std_u``, ``x_s = Ms / std_s``) and stored in gene
+chunks of shape ``(n_chunks, n_cells, chunk)`` (padding genes have weight 0), so that every
+pass over the data holds one chunk of cells x genes at a time and never a cells x grid x genes
+array: the squared distances of all cells to all grid points are accumulated as
+``||x - m||^2 = x^2 - 2 x m + m^2``, a matrix product over the genes of a chunk.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .kinetics import KineticParams, trajectory
+
+#: Meaning of the rows of ``theta``.
+THETA_ROWS = ("log_alpha", "log_beta", "log_gamma", "log_d", "log_scaling", "t0")
+#: Directions of ``theta`` moved in a full fit (every parameter).
+FULL_DIRECTIONS = np.eye(6)
+#: Directions moved when only the clock map of a per-gene fit is learned: ``log k`` (adds to
+#: the log rates, subtracts from ``log d``) and ``t0``; the kinetic shape stays fixed.
+ALIGN_DIRECTIONS = np.array(
+    [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+)
+
+
+class SharedData(NamedTuple):
+    """Standardised moments in gene chunks (build with :func:`prepare_data`).
+
+    Attributes
+    ----------
+    xu, xs
+        ``(n_chunks, n_cells, chunk)`` ``Mu / std_u`` and ``Ms / std_s``.
+    w
+        ``(n_chunks, n_cells, chunk)`` 0/1 weight of every cell in every gene (0 for padding).
+    std_u, std_s
+        ``(n_genes_padded,)`` per-gene standard deviations used to standardise.
+    n_gene
+        ``(n_genes_padded,)`` weighted number of cells of each gene.
+    n_cell
+        ``(n_cells,)`` number of weighted observations of each cell (2 per gene: u and s).
+    log_jac
+        ``(n_cells,)`` ``sum_g w (log std_u + log std_s)``: turns densities of the
+        standardised data into densities of ``Mu, Ms``.
+    """
+
+    xu: jnp.ndarray
+    xs: jnp.ndarray
+    w: jnp.ndarray
+    std_u: jnp.ndarray
+    std_s: jnp.ndarray
+    n_gene: jnp.ndarray
+    n_cell: jnp.ndarray
+    log_jac: jnp.ndarray
+
+
+def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) -> SharedData:
+    """Standardise and chunk moments (NumPy in, float64 JAX arrays out; call under x64).
+
+    Parameters
+    ----------
+    mu, ms
+        ``(n_cells, n_genes)`` unspliced and spliced moments.
+    weights
+        ``(n_cells, n_genes)`` cell weights (default: all ones).
+    std_u, std_s
+        ``(n_genes,)`` scales (default: the standard deviations over the weighted cells).
+    chunk_size
+        Genes per chunk (default: all genes in one chunk).
+
+    Returns
+    -------
+    :class:`SharedData`; genes beyond ``n_genes`` are padding.
+    """
+    mu, ms = np.asarray(mu, np.float64), np.asarray(ms, np.float64)
+    n_cells, n_genes = mu.shape
+    w = np.ones_like(mu) if weights is None else np.asarray(weights, np.float64)
+    n = np.maximum(w.sum(axis=0), 1.0)
+
+    def wstd(x):
+        mean = (w * x).sum(axis=0) / n
+        return np.sqrt((w * (x - mean) ** 2).sum(axis=0) / n)
+
+    std_u = wstd(mu) if std_u is None else np.asarray(std_u, np.float64)
+    std_s = wstd(ms) if std_s is None else np.asarray(std_s, np.float64)
+    std_u = np.where(std_u > 0, std_u, 1.0)
+    std_s = np.where(std_s > 0, std_s, 1.0)
+    width = max(1, min(chunk_size or n_genes, n_genes))
+    n_chunks = -(-n_genes // width)
+    pad = n_chunks * width - n_genes
+
+    def chunked(x, fill):
+        x = np.concatenate([x, np.full((n_cells, pad), fill)], axis=1)
+        return jnp.asarray(x.reshape(n_cells, n_chunks, width).transpose(1, 0, 2))
+
+    def padded(v, fill):
+        return jnp.asarray(np.concatenate([v, np.full(pad, fill)]))
+
+    return SharedData(
+        xu=chunked(mu / std_u, 0.0),
+        xs=chunked(ms / std_s, 0.0),
+        w=chunked(w, 0.0),
+        std_u=padded(std_u, 1.0),
+        std_s=padded(std_s, 1.0),
+        n_gene=padded(w.sum(axis=0), 0.0),
+        n_cell=jnp.asarray(2.0 * w.sum(axis=1)),
+        log_jac=jnp.asarray(w @ (np.log(std_u) + np.log(std_s))),
+    )
+
+
+def _chunks(data: SharedData, *per_gene):
+    """Reshape per-gene arrays ``(..., n_genes_padded)`` to ``(n_chunks, ..., chunk)``."""
+    n_chunks, _, width = data.xu.shape
+    return tuple(jnp.moveaxis(a.reshape(a.shape[:-1] + (n_chunks, width)), -2, 0) for a in per_gene)
+
+
+def predict(theta, t, std_u, std_s):
+    """Standardised model abundances on the shared clock.
+
+    Parameters
+    ----------
+    theta
+        ``(6, n_genes)`` parameters (rows :data:`THETA_ROWS`).
+    t
+        Clock times broadcasting against ``(n_genes,)``, e.g. ``grid[:, None]``.
+    std_u, std_s
+        ``(n_genes,)`` standardisation scales.
+
+    Returns
+    -------
+    ``(m_u, m_s)``: ``scaling u / std_u`` and ``s / std_s``, of the broadcast shape.
+    """
+    p = KineticParams(*jnp.exp(theta[:5]))
+    u, s = trajectory(jnp.maximum(t - theta[5], 0.0), p)
+    return p.scaling * u / std_u, s / std_s
+
+
+def _predict_derivatives(theta, t, std_u, std_s):
+    """:func:`predict` with first and second clock derivatives (zero before onset)."""
+    p = KineticParams(*jnp.exp(theta[:5]))
+    tau = t - theta[5]
+    on = tau > 0
+    tau = jnp.maximum(tau, 0.0)
+    u, s = trajectory(tau, p)
+    alpha_k = jnp.where(tau < p.t_, p.alpha, 0.0)
+    vu = jnp.where(on, alpha_k - p.beta * u, 0.0)
+    vs = jnp.where(on, p.beta * u - p.gamma * s, 0.0)
+    au, as_ = -p.beta * vu, p.beta * vu - p.gamma * vs
+    cu = p.scaling / std_u
+    return (cu * u, s / std_s), (cu * vu, vs / std_s), (cu * au, as_ / std_s)
+
+
+def grid_distances(theta, var_u, var_s, data: SharedData, grid):
+    """Weighted squared distances of every cell to the model at every grid time.
+
+    ``D_ij = sum_g w_ig [(x_u,ig - m_u,g(t_j))^2 / var_u,g + (x_s,ig - m_s,g(t_j))^2 / var_s,g]``,
+    accumulated over gene chunks by one matrix product per chunk.
+
+    Parameters
+    ----------
+    theta
+        ``(6, n_genes_padded)`` parameters.
+    var_u, var_s
+        ``(n_genes_padded,)`` residual variances (standardised units).
+    data
+        Chunked data.
+    grid
+        ``(n_grid,)`` clock times.
+
+    Returns
+    -------
+    ``(D, log_det)``: ``(n_cells, n_grid)`` distances and ``(n_cells,)``
+    ``sum_g w_ig (log var_u,g + log var_s,g)``.
+    """
+    n_cells = data.xu.shape[1]
+
+    def body(carry, chunk):
+        a, bc, log_det = carry
+        xu, xs, w, th, vu, vs, su, ss = chunk
+        mu_, ms_ = predict(th, grid[:, None], su, ss)  # (n_grid, chunk)
+        a = a + jnp.sum(w * (xu * xu / vu + xs * xs / vs), axis=1)
+        left = jnp.concatenate([-2.0 * w * xu / vu, -2.0 * w * xs / vs, w], axis=1)
+        right = jnp.concatenate([mu_, ms_, mu_ * mu_ / vu + ms_ * ms_ / vs], axis=1)
+        bc = bc + left @ right.T
+        log_det = log_det + w @ (jnp.log(vu) + jnp.log(vs))
+        return (a, bc, log_det), None
+
+    dtype = data.xu.dtype
+    init = (jnp.zeros(n_cells, dtype), jnp.zeros((n_cells, grid.shape[0]), dtype), jnp.zeros(n_cells, dtype))
+    chunks = (data.xu, data.xs, data.w) + _chunks(data, theta, var_u, var_s, data.std_u, data.std_s)
+    (a, bc, log_det), _ = jax.lax.scan(body, init, chunks)
+    return jnp.maximum(a[:, None] + bc, 0.0), log_det
+
+
+def _time_terms(t, theta, var_u, var_s, data: SharedData):
+    """Per cell ``f(t_i) = sum_g w r^2`` and its first two derivatives in ``t_i``."""
+
+    def body(carry, chunk):
+        f, g, h = carry
+        xu, xs, w, th, vu, vs, su, ss = chunk
+        (mu_, ms_), (du, ds), (d2u, d2s) = _predict_derivatives(th, t[:, None], su, ss)
+        eu, es = xu - mu_, xs - ms_
+        f = f + jnp.sum(w * (eu * eu / vu + es * es / vs), axis=1)
+        g = g - 2.0 * jnp.sum(w * (eu * du / vu + es * ds / vs), axis=1)
+        h = h + 2.0 * jnp.sum(w * ((du * du - eu * d2u) / vu + (ds * ds - es * d2s) / vs), axis=1)
+        return (f, g, h), None
+
+    zero = jnp.zeros_like(t)
+    chunks = (data.xu, data.xs, data.w) + _chunks(data, theta, var_u, var_s, data.std_u, data.std_s)
+    (f, g, h), _ = jax.lax.scan(body, (zero, zero, zero), chunks)
+    return f, g, h
+
+
+def shared_times(theta, var_u, var_s, data: SharedData, grid, n_newton: int = 3):
+    """Multi-gene exact time (MODEL.md section 3): ``argmin_t sum_g`` weighted residual^2.
+
+    A grid search over ``grid`` followed by ``n_newton`` safeguarded Newton steps per cell
+    (trust region of one grid spacing, shrunk after a rejected step; a step is kept only if
+    it lowers the cell's distance, so the result is never worse than the best grid point).
+
+    Parameters
+    ----------
+    theta
+        ``(6, n_genes_padded)`` parameters on the shared clock.
+    var_u, var_s
+        ``(n_genes_padded,)`` residual variances weighting the genes.
+    data
+        Chunked data.
+    grid
+        ``(n_grid,)`` increasing clock times; the result lies in ``[grid[0], grid[-1]]``.
+    n_newton
+        Newton steps (static).
+
+    Returns
+    -------
+    ``(t, f)``: ``(n_cells,)`` times and their summed weighted squared residuals.
+    """
+    dist, _ = grid_distances(theta, var_u, var_s, data, grid)
+    t = grid[jnp.argmin(dist, axis=1)]
+    lo, hi = grid[0], grid[-1]
+    radius = jnp.full_like(t, (hi - lo) / (grid.shape[0] - 1))
+    terms = _time_terms(t, theta, var_u, var_s, data)
+
+    def refine(_, carry):
+        t, (f, g, h), radius = carry
+        newton = jnp.where(h > 0, -g / jnp.where(h > 0, h, 1.0), -jnp.sign(g) * radius)
+        cand = jnp.clip(t + jnp.clip(newton, -radius, radius), lo, hi)
+        c_terms = _time_terms(cand, theta, var_u, var_s, data)
+        accept = c_terms[0] < f
+        pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
+        return pick(cand, t), tuple(map(pick, c_terms, (f, g, h))), pick(radius, 0.25 * radius)
+
+    t, (f, _, _), _ = jax.lax.fori_loop(0, n_newton, refine, (t, terms, radius))
+    return t, f
+
+
+shared_times_jit = jax.jit(shared_times, static_argnames=("n_newton",))
+
+
+def residual_variances(theta, t, data: SharedData, floor: float = 1e-4):
+    """Per-gene mean squared standardised residual of each species at cell times ``t``.
+
+    Parameters
+    ----------
+    theta
+        ``(6, n_genes_padded)`` parameters.
+    t
+        ``(n_cells,)`` clock times.
+    data
+        Chunked data.
+    floor
+        Smallest variance returned (padding genes get 1).
+
+    Returns
+    -------
+    ``(var_u, var_s)``, each ``(n_genes_padded,)``.
+    """
+
+    def body(_, chunk):
+        xu, xs, w, th, su, ss = chunk
+        mu_, ms_ = predict(th, t[:, None], su, ss)
+        return None, (jnp.sum(w * (xu - mu_) ** 2, axis=0), jnp.sum(w * (xs - ms_) ** 2, axis=0))
+
+    chunks = (data.xu, data.xs, data.w) + _chunks(data, theta, data.std_u, data.std_s)
+    _, (su, ss) = jax.lax.scan(body, None, chunks)
+    n = data.n_gene
+    safe = jnp.maximum(n, 1.0)
+    var_u = jnp.where(n > 0, jnp.maximum(su.reshape(-1) / safe, floor), 1.0)
+    var_s = jnp.where(n > 0, jnp.maximum(ss.reshape(-1) / safe, floor), 1.0)
+    return var_u, var_s
+
+
+def initial_clock(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A first shared time: per cell, the median over genes of each gene's normalised time.
+
+    Every gene's time is divided by its largest value over its weighted cells (so it runs
+    from 0 at onset to 1, induction before repression); the per-cell median is rescaled to
+    span ``[0, 1]``.
+
+    Parameters
+    ----------
+    t_gene
+        ``(n_cells, n_genes)`` per-gene times (e.g. ``GeneFit.t``), ``nan`` where unknown.
+    weights
+        ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
+
+    Returns
+    -------
+    ``(n_cells,)`` times in ``[0, 1]``.
+    """
+    span = np.nanmax(np.where(weights, t_gene, np.nan), axis=0)
+    span = np.where(np.isfinite(span) & (span > 0), span, np.nan)
+    norm = np.clip(t_gene / span, 0.0, 1.0)
+    tau = np.nanmedian(norm, axis=1)
+    tau = np.where(np.isfinite(tau), tau, np.nanmedian(tau))
+    return _unit_range(tau)
+
+
+def _unit_range(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.min(x), np.max(x)
+    return (x - lo) / (hi - lo) if hi > lo else np.full_like(x, 0.5)
+
+
+def clock_maps(t_gene: np.ndarray, tau: np.ndarray, weights: np.ndarray):
+    """Per-gene affine maps ``gene time = k (tau - t0)`` by weighted least squares.
+
+    Genes whose slope is not positive (they disagree with the shared clock) get the median
+    slope of the others and the onset that matches their mean time.
+
+    Parameters
+    ----------
+    t_gene
+        ``(n_cells, n_genes)`` per-gene times.
+    tau
+        ``(n_cells,)`` shared times.
+    weights
+        ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
+
+    Returns
+    -------
+    ``(k, t0, slope)``: ``(n_genes,)`` speeds ``> 0``, onsets, and the raw slopes.
+    """
+    w = (weights & np.isfinite(t_gene)).astype(np.float64)
+    tg = np.where(w > 0, t_gene, 0.0)
+    n = np.maximum(w.sum(axis=0), 1.0)
+    mt = (w * tau[:, None]).sum(axis=0) / n
+    mg = (w * tg).sum(axis=0) / n
+    cov = (w * (tau[:, None] - mt) * (tg - mg)).sum(axis=0)
+    var = (w * (tau[:, None] - mt) ** 2).sum(axis=0)
+    slope = cov / np.where(var > 0, var, 1.0)
+    good = slope > 1e-8 * (1.0 + np.abs(mg))
+    fallback = np.median(slope[good]) if good.any() else max(float(np.nanmax(tg)), 1.0)
+    k = np.where(good, slope, fallback)
+    t0 = mt - mg / k
+    return k, t0, slope
+
+
+def theta_from_gene_fit(alpha, beta, gamma, t_, scaling, k, t0) -> np.ndarray:
+    """Shared-clock parameters of a per-gene fit mapped by ``gene time = k (t - t0)``.
+
+    Parameters
+    ----------
+    alpha, beta, gamma, t_, scaling
+        ``(n_genes,)`` per-gene kinetic parameters on each gene's own clock (``beta`` in
+        scaled-unspliced units).
+    k, t0
+        ``(n_genes,)`` clock speeds and onsets.
+
+    Returns
+    -------
+    ``(6, n_genes)`` ``theta`` (rows :data:`THETA_ROWS`).
+    """
+    lk = np.log(k)
+    return np.stack(
+        [np.log(alpha) + lk, np.log(beta) + lk, np.log(gamma) + lk, np.log(t_) - lk, np.log(scaling), t0]
+    )
+
+
+def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds: int = 2):
+    """Map per-gene fits onto one shared clock: the initialisation of the shared-time EM.
+
+    The first clock is :func:`initial_clock` (flipped if most genes run against it); then,
+    ``n_rounds`` times, each gene's clock map is fitted (:func:`clock_maps`) and the shared
+    time is re-estimated by the multi-gene exact time (:func:`shared_times`). Call under x64.
+
+    Parameters
+    ----------
+    data
+        Chunked data of the genes (``n_genes`` real genes, then padding).
+    grid
+        ``(n_grid,)`` clock times.
+    params
+        ``(5, n_genes)`` per-gene ``alpha, beta, gamma, t_, scaling`` (``beta`` in
+        scaled-unspliced units), each on the gene's own clock.
+    t_gene
+        ``(n_cells, n_genes)`` per-gene times on the genes' clocks.
+    fit_weights
+        ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
+    n_rounds
+        Rounds of map fitting and shared time.
+
+    Returns
+    -------
+    ``(theta, var_u, var_s, tau)``: ``(6, n_genes_padded)`` parameters, residual variances
+    and ``(n_cells,)`` shared times.
+    """
+    params = np.asarray(params, np.float64)
+    fit_weights = np.asarray(fit_weights, bool)
+    n_genes, n_padded = params.shape[1], data.std_u.shape[0]
+    tau = initial_clock(t_gene, fit_weights)
+    k, t0, slope = clock_maps(t_gene, tau, fit_weights)
+    if np.sum(slope > 0) < np.sum(slope < 0):
+        tau = 1.0 - tau
+        k, t0, _ = clock_maps(t_gene, tau, fit_weights)
+
+    def padded_theta(k, t0):
+        theta = theta_from_gene_fit(*params, k, t0)
+        return jnp.asarray(np.concatenate([theta, np.repeat(theta[:, :1], n_padded - n_genes, axis=1)], axis=1))
+
+    for _ in range(n_rounds):
+        theta = padded_theta(k, t0)
+        var_u, var_s = residual_variances(theta, jnp.asarray(tau), data)
+        tau = np.asarray(shared_times_jit(theta, var_u, var_s, data, grid)[0])
+        k, t0, _ = clock_maps(t_gene, tau, fit_weights)
+    theta = padded_theta(k, t0)
+    var_u, var_s = residual_variances(theta, jnp.asarray(tau), data)
+    return theta, var_u, var_s, tau

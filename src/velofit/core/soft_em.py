@@ -1,0 +1,438 @@
+"""Soft EM over a time grid with a learnable time prior, shared clock (MODEL.md section 5).
+
+The model is a Gaussian mixture whose components lie on the kinetic curves: with grid times
+``t_1..t_T`` on the shared clock (see :mod:`velofit.core.shared_time` for the parametrisation)
+and prior weights ``pi_j``, cell ``i`` has density
+
+    p(x_i) = sum_j pi_j prod_g N(x_u,ig; m_u,g(t_j), c_i var_u,g) N(x_s,ig; m_s,g(t_j), c_i var_s,g)
+
+with per-gene, per-species variances ``var`` and (optionally, ``cell_noise=True``) a per-cell
+noise factor ``c_i`` (geometric mean 1), which lets a cell that fits no time well keep a wide
+posterior instead of a confidently wrong one.
+
+Each iteration is a generalized EM step, so the log-likelihood ``sum_i log p(x_i)`` never
+decreases (the trace is recorded):
+
+* E: ``log q_ij = log pi_j - D_ij / (2 c_i) + const_i`` with ``D`` from
+  :func:`~velofit.core.shared_time.grid_distances` (one matrix product per gene chunk).
+* M, in blocks, each of which maximises or increases the expected complete log-likelihood
+  ``Q`` given ``q``: ``c_i`` (closed form), then ``theta`` by Levenberg-Marquardt steps on
+  ``sum_ij q_ij ||x_ig - m_g(t_j)||^2 / (c_i var_g)`` computed from per-grid-point sufficient
+  statistics (``sum_i q_ij w / c_i``, ``sum_i q_ij w x / c_i``, ``... x^2``; so its cost does
+  not grow with cells) and kept per gene only if that sum decreases, then ``var`` (closed
+  form), then ``pi``: a step towards the smoothed Dirichlet-MAP target
+  ``K (n_j + a) / (N + T a)`` (``n_j = sum_i q_ij``, ``a`` a pseudo-count, ``K`` a Gaussian
+  kernel that keeps the prior from collapsing onto a few grid points), halved until it does
+  not lower ``sum_j n_j log pi_j``. ``prior="uniform"`` keeps ``pi`` fixed.
+
+``hard=True`` runs the classification variant (``q`` one-hot at each cell's best grid time,
+the classification log-likelihood ``sum_i max_j log pi_j p(x_i | t_j)`` is then monotone).
+The algorithm has optax's shape: :func:`init` -> :class:`SoftEMState`, :func:`step`, :func:`run`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .shared_time import ALIGN_DIRECTIONS, FULL_DIRECTIONS, SharedData, _chunks, grid_distances, predict
+
+#: Largest change of each theta row in one LM step (log rates: a factor of e; t0: 0.2).
+_STEP_CAP = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.2])
+_LOG_2PI = float(np.log(2.0 * np.pi))
+#: Step fractions tried for the prior update (the last, 0, keeps the prior).
+_PRIOR_STEPS = np.array([2.0**-k for k in range(8)] + [0.0])
+
+
+class SoftEMConfig(NamedTuple):
+    """Static settings of the soft EM.
+
+    Attributes
+    ----------
+    max_iter
+        Most EM iterations.
+    tol
+        Stop once an iteration raises the log-likelihood by less than ``tol * |loglik|``.
+    n_lm
+        Levenberg-Marquardt steps per M-step.
+    prior
+        ``"learned"`` or ``"uniform"`` (fixed).
+    pseudocount
+        Dirichlet pseudo-count of every grid point, as a fraction of ``n_cells / n_grid``.
+    smoothing
+        Standard deviation of the Gaussian kernel smoothing the prior target, in clock units
+        (0: none).
+    hard
+        Classification EM (one-hot ``q``) instead of soft EM.
+    cell_noise
+        Learn the per-cell noise factor ``c_i`` (else ``c_i = 1``).
+    mode
+        ``"full"``: learn every gene parameter; ``"align"``: learn only each gene's clock
+        speed and onset, keeping the kinetic shape of the initial parameters.
+    min_var
+        Smallest residual variance (standardised units).
+    """
+
+    max_iter: int = 50
+    tol: float = 1e-7
+    n_lm: int = 3
+    prior: str = "learned"
+    pseudocount: float = 0.1
+    smoothing: float = 0.02
+    hard: bool = False
+    cell_noise: bool = True
+    mode: str = "full"
+    min_var: float = 1e-6
+
+
+class SoftEMState(NamedTuple):
+    """State of the soft EM.
+
+    Attributes
+    ----------
+    theta
+        ``(6, n_genes_padded)`` gene parameters on the shared clock.
+    var_u, var_s
+        ``(n_genes_padded,)`` residual variances (standardised units).
+    log_pi
+        ``(n_grid,)`` log prior weights of the grid times.
+    cell_scale
+        ``(n_cells,)`` per-cell noise factors ``c_i``.
+    q
+        ``(n_cells, n_grid)`` posterior at the current parameters.
+    qd
+        ``(n_cells,)`` ``sum_j q_ij D_ij`` at the current parameters.
+    loglik
+        Log-likelihood (classification log-likelihood if ``hard``) at the current parameters.
+    damping
+        ``(n_genes_padded,)`` Levenberg-Marquardt damping.
+    n_iter
+        Iterations run.
+    """
+
+    theta: jnp.ndarray
+    var_u: jnp.ndarray
+    var_s: jnp.ndarray
+    log_pi: jnp.ndarray
+    cell_scale: jnp.ndarray
+    q: jnp.ndarray
+    qd: jnp.ndarray
+    loglik: jnp.ndarray
+    damping: jnp.ndarray
+    n_iter: jnp.ndarray
+
+
+class GridStatistics(NamedTuple):
+    """Sufficient statistics of the M-step, each ``(n_grid, n_genes_padded)``:
+    ``n = sum_i q_ij w_ig / c_i`` and the same with ``x_u``, ``x_s``, ``x_u^2``, ``x_s^2``."""
+
+    n: jnp.ndarray
+    su: jnp.ndarray
+    ss: jnp.ndarray
+    suu: jnp.ndarray
+    sss: jnp.ndarray
+
+
+def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard: bool = False):
+    """Posterior over grid times and the log-likelihood.
+
+    Parameters
+    ----------
+    theta, var_u, var_s, log_pi, cell_scale
+        Current parameters (see :class:`SoftEMState`).
+    data
+        Chunked data.
+    grid
+        ``(n_grid,)`` clock times.
+    hard
+        One-hot posterior at the best grid time (classification likelihood).
+
+    Returns
+    -------
+    ``(q, qd, loglik)``: ``(n_cells, n_grid)`` posterior, ``(n_cells,)`` ``sum_j q_ij D_ij``
+    and the scalar (classification) log-likelihood of ``Mu, Ms``.
+    """
+    dist, log_det = grid_distances(theta, var_u, var_s, data, grid)
+    c = cell_scale[:, None]
+    log_norm = -0.5 * (data.n_cell * (_LOG_2PI + jnp.log(cell_scale)) + log_det) - data.log_jac
+    joint = log_pi[None, :] - dist / (2.0 * c) + log_norm[:, None]
+    if hard:
+        best = jnp.argmax(joint, axis=1)
+        q = jax.nn.one_hot(best, grid.shape[0], dtype=dist.dtype)
+        per_cell = jnp.max(joint, axis=1)
+    else:
+        per_cell = jax.nn.logsumexp(joint, axis=1)
+        q = jnp.exp(joint - per_cell[:, None])
+    return q, jnp.sum(q * dist, axis=1), jnp.sum(per_cell)
+
+
+def grid_statistics(q, cell_scale, data: SharedData) -> GridStatistics:
+    """Per-grid-point sufficient statistics of the M-step (one matrix product per chunk).
+
+    Parameters
+    ----------
+    q
+        ``(n_cells, n_grid)`` posterior.
+    cell_scale
+        ``(n_cells,)`` noise factors.
+    data
+        Chunked data.
+
+    Returns
+    -------
+    :class:`GridStatistics`.
+    """
+    qc = (q / cell_scale[:, None]).T
+
+    def body(_, chunk):
+        xu, xs, w = chunk
+        wu, ws = w * xu, w * xs
+        out = qc @ jnp.concatenate([w, wu, ws, wu * xu, ws * xs], axis=1)
+        return None, out.reshape(out.shape[0], 5, -1)
+
+    _, out = jax.lax.scan(body, None, (data.xu, data.xs, data.w))  # (n_chunks, T, 5, chunk)
+    out = jnp.moveaxis(out, 0, 2).reshape(out.shape[1], 5, -1)
+    return GridStatistics(*(out[:, k] for k in range(5)))
+
+
+def expected_sse(theta, stats: GridStatistics, data: SharedData, grid):
+    """``sum_ij q_ij w_ig (x - m_g(t_j))^2 / c_i`` per gene and species, ``(n_genes_padded,)`` each."""
+    m_u, m_s = predict(theta, grid[:, None], data.std_u, data.std_s)
+    e_u = jnp.sum(stats.suu - 2.0 * m_u * stats.su + m_u * m_u * stats.n, axis=0)
+    e_s = jnp.sum(stats.sss - 2.0 * m_s * stats.ss + m_s * m_s * stats.n, axis=0)
+    return jnp.maximum(e_u, 0.0), jnp.maximum(e_s, 0.0)
+
+
+def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, data, grid, directions, n_steps):
+    """LM steps on the expected weighted squared residual, from grid statistics only.
+
+    The residuals are ``sqrt(n_j / var) (m(t_j) - xbar_j)`` at the grid points (``xbar_j`` the
+    posterior-weighted mean observation), which differ from the expected loss by a constant.
+    Steps move ``theta`` along the columns of ``directions`` and are kept per gene only if the
+    loss decreases.
+
+    Parameters
+    ----------
+    theta, damping
+        ``(6, n_genes_padded)`` parameters and ``(n_genes_padded,)`` damping.
+    stats
+        Sufficient statistics.
+    var_u, var_s
+        Residual variances.
+    data
+        Chunked data (for the standardisation scales).
+    grid
+        Clock times.
+    directions
+        ``(6, n_free)`` NumPy matrix (static).
+    n_steps
+        Number of steps (static).
+
+    Returns
+    -------
+    ``(theta, damping)``.
+    """
+    n_free = directions.shape[1]
+    n = stats.n
+    safe = jnp.where(n > 0, n, 1.0)
+    mean_u, mean_s = stats.su / safe, stats.ss / safe
+    root = jnp.sqrt(jnp.maximum(n, 0.0))
+    wu, ws = root / jnp.sqrt(var_u), root / jnp.sqrt(var_s)
+
+    def res(th):
+        m_u, m_s = predict(th, grid[:, None], data.std_u, data.std_s)
+        return wu * (m_u - mean_u), ws * (m_s - mean_s)
+
+    def loss(th):
+        ru, rs = res(th)
+        return jnp.sum(ru * ru + rs * rs, axis=0)
+
+    dirs = jnp.asarray(directions, theta.dtype)
+    basis = jnp.broadcast_to(dirs.T[:, :, None], (n_free,) + theta.shape)
+    eye = jnp.eye(n_free, dtype=theta.dtype)
+    cap = jnp.asarray(_STEP_CAP, theta.dtype)[:, None]
+
+    def one(_, carry):
+        th, damp, cur = carry
+        tangent = lambda d: jax.jvp(res, (th,), (d,))  # noqa: E731
+        (ru, rs), (ju, js) = jax.vmap(tangent, out_axes=(None, 0))(basis)
+        jtj = jnp.einsum("ptg,qtg->gpq", ju, ju) + jnp.einsum("ptg,qtg->gpq", js, js)
+        jtr = jnp.einsum("ptg,tg->gp", ju, ru) + jnp.einsum("ptg,tg->gp", js, rs)
+        diag = jnp.diagonal(jtj, axis1=1, axis2=2)
+        scale = jnp.maximum(diag, 1e-12 * (1.0 + jnp.max(diag, axis=1, keepdims=True)))
+        lhs = jtj + (damp[:, None] * scale)[:, :, None] * eye
+        delta = dirs @ jnp.linalg.solve(lhs, -jtr[..., None])[..., 0].T  # (6, genes)
+        ratio = jnp.max(jnp.abs(delta) / cap, axis=0)
+        delta = delta * jnp.minimum(1.0, 1.0 / jnp.maximum(ratio, 1e-30))
+        delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
+        cand = th + delta
+        c_loss = loss(cand)
+        accept = jnp.isfinite(c_loss) & (c_loss < cur)
+        th = jnp.where(accept[None, :], cand, th)
+        damp = jnp.clip(jnp.where(accept, damp * 0.3, damp * 10.0), 1e-9, 1e9)
+        return th, damp, jnp.where(accept, c_loss, cur)
+
+    theta, damping, _ = jax.lax.fori_loop(0, n_steps, one, (theta, damping, loss(theta)))
+    return theta, damping
+
+
+def smoothing_kernel(grid, bandwidth: float):
+    """``(n_grid, n_grid)`` column-stochastic Gaussian kernel (mass-preserving smoother)."""
+    if bandwidth <= 0:
+        return jnp.eye(grid.shape[0], dtype=grid.dtype)
+    k = jnp.exp(-0.5 * ((grid[:, None] - grid[None, :]) / bandwidth) ** 2)
+    return k / jnp.sum(k, axis=0, keepdims=True)
+
+
+def prior_update(log_pi, q, grid, config: SoftEMConfig):
+    """Move ``pi`` towards the smoothed Dirichlet-MAP target without lowering ``sum_j n_j log pi_j``.
+
+    Parameters
+    ----------
+    log_pi
+        ``(n_grid,)`` current log prior.
+    q
+        ``(n_cells, n_grid)`` posterior.
+    grid
+        Clock times.
+    config
+        Settings (``pseudocount``, ``smoothing``).
+
+    Returns
+    -------
+    ``(n_grid,)`` new log prior.
+    """
+    n_cells, n_grid = q.shape
+    counts = jnp.sum(q, axis=0)
+    a = config.pseudocount * n_cells / n_grid
+    target = smoothing_kernel(grid, config.smoothing) @ ((counts + a) / (n_cells + n_grid * a))
+    pi = jnp.exp(log_pi)
+    steps = jnp.asarray(_PRIOR_STEPS, q.dtype)[:, None]
+    cands = pi[None, :] + steps * (target - pi)[None, :]
+    value = jnp.sum(jnp.where(counts > 0, counts * jnp.log(jnp.maximum(cands, 1e-300)), 0.0), axis=1)
+    first = jnp.argmax(value >= value[-1])  # largest step that does not lower Q (step 0 always does)
+    new = cands[first]
+    return jnp.log(new / jnp.sum(new))
+
+
+def init(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_pi=None, cell_scale=None) -> SoftEMState:
+    """First state: the given parameters, a uniform prior (unless given) and their E-step.
+
+    Parameters
+    ----------
+    data
+        Chunked data.
+    grid
+        ``(n_grid,)`` clock times.
+    theta, var_u, var_s
+        Initial gene parameters and variances.
+    config
+        Settings.
+    log_pi, cell_scale
+        Optional initial log prior and per-cell noise factors.
+
+    Returns
+    -------
+    :class:`SoftEMState`.
+    """
+    n_cells, n_grid = data.xu.shape[1], grid.shape[0]
+    if log_pi is None:
+        log_pi = jnp.full(n_grid, -jnp.log(n_grid), grid.dtype)
+    if cell_scale is None:
+        cell_scale = jnp.ones(n_cells, grid.dtype)
+    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, cell_scale, data, grid, config.hard)
+    damping = jnp.full(theta.shape[1], 1e-2, theta.dtype)
+    return SoftEMState(theta, var_u, var_s, log_pi, cell_scale, q, qd, loglik, damping, jnp.int32(0))
+
+
+def step(state: SoftEMState, data: SharedData, grid, config: SoftEMConfig) -> SoftEMState:
+    """One generalized EM iteration (M-step blocks from the stored posterior, then E-step).
+
+    Parameters
+    ----------
+    state
+        Current state (its ``q`` is the posterior at its parameters).
+    data
+        Chunked data.
+    grid
+        Clock times.
+    config
+        Settings (static).
+
+    Returns
+    -------
+    The next :class:`SoftEMState`; its ``loglik`` is ``>=`` the input's up to rounding.
+    """
+    var_u, var_s, c = state.var_u, state.var_s, state.cell_scale
+    if config.cell_noise:
+        has = data.n_cell > 0
+        c = jnp.where(has, jnp.maximum(state.qd / jnp.where(has, data.n_cell, 1.0), 1e-8), 1.0)
+        k = jnp.exp(jnp.sum(jnp.where(has, jnp.log(c), 0.0)) / jnp.maximum(jnp.sum(has), 1))
+        c, var_u, var_s = c / k, var_u * k, var_s * k  # same likelihood; geometric mean of c is 1
+    stats = grid_statistics(state.q, c, data)
+    directions = FULL_DIRECTIONS if config.mode == "full" else ALIGN_DIRECTIONS
+    theta, damping = levenberg_marquardt(
+        state.theta, state.damping, stats, var_u, var_s, data, grid, directions, config.n_lm
+    )
+    e_u, e_s = expected_sse(theta, stats, data, grid)
+    used = data.n_gene > 0
+    safe = jnp.where(used, data.n_gene, 1.0)
+    var_u = jnp.where(used, jnp.maximum(e_u / safe, config.min_var), 1.0)
+    var_s = jnp.where(used, jnp.maximum(e_s / safe, config.min_var), 1.0)
+    log_pi = state.log_pi if config.prior == "uniform" else prior_update(state.log_pi, state.q, grid, config)
+    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, c, data, grid, config.hard)
+    return SoftEMState(theta, var_u, var_s, log_pi, c, q, qd, loglik, damping, state.n_iter + 1)
+
+
+def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_pi=None, cell_scale=None):
+    """Iterate :func:`step` until the log-likelihood gain is below ``tol`` or ``max_iter``.
+
+    Parameters
+    ----------
+    data, grid, theta, var_u, var_s, config, log_pi, cell_scale
+        As for :func:`init`.
+
+    Returns
+    -------
+    ``(state, trace)``: the final :class:`SoftEMState` and the ``(max_iter + 1,)``
+    log-likelihood per iteration (``nan`` after the last).
+    """
+    state = init(data, grid, theta, var_u, var_s, config, log_pi, cell_scale)
+    trace = jnp.full(config.max_iter + 1, jnp.nan, grid.dtype).at[0].set(state.loglik)
+
+    def cond(carry):
+        st, _, gain = carry
+        return (st.n_iter < config.max_iter) & (gain > config.tol * jnp.abs(st.loglik))
+
+    def body(carry):
+        st, tr, _ = carry
+        new = step(st, data, grid, config)
+        return new, tr.at[new.n_iter].set(new.loglik), new.loglik - st.loglik
+
+    state, trace, _ = jax.lax.while_loop(cond, body, (state, trace, jnp.asarray(jnp.inf, grid.dtype)))
+    return state, trace
+
+
+run_jit = jax.jit(run, static_argnames=("config",))
+
+
+def posterior_moments(q, grid):
+    """Posterior mean and standard deviation of every cell's time.
+
+    Parameters
+    ----------
+    q
+        ``(n_cells, n_grid)`` posterior (rows sum to 1).
+    grid
+        ``(n_grid,)`` clock times.
+
+    Returns
+    -------
+    ``(mean, std)``, each ``(n_cells,)``.
+    """
+    mean = q @ grid
+    var = q @ (grid * grid) - mean * mean
+    return mean, jnp.sqrt(jnp.maximum(var, 0.0))
