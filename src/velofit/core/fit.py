@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._validation import check_fit_options, check_moments
 from .hard_em import EMConfig, run_jit
 from .initialize import MIN_CELLS, gene_statistics, initial_parameters
 from .mstep import GeneData
@@ -108,7 +109,8 @@ def fit_genes(
     Parameters
     ----------
     mu, ms
-        ``(n_cells, n_genes)`` dense, finite, non-negative unspliced and spliced moments.
+        ``(n_cells, n_genes)`` finite, non-negative unspliced and spliced moments (dense or
+        SciPy sparse; validated and copied to float64).
     config
         EM settings.
     chunk_size
@@ -123,10 +125,14 @@ def fit_genes(
     -------
     :class:`GeneFit`.
     """
-    mu = np.asarray(mu, dtype=np.float64)
-    ms = np.asarray(ms, dtype=np.float64)
+    mu, ms = check_moments(mu, ms)
+    check_fit_options(
+        max_iter=config.max_iter, n_explicit=config.n_explicit, tol=config.tol, chunk_size=chunk_size, seed=seed
+    )
     n_cells, n_genes = mu.shape
-    width = min(chunk_size or default_chunk_size(n_cells), max(n_genes, 1))
+    # At least two genes per chunk: XLA vectorises a (n_cells, 1) reduction differently, and
+    # results must not depend on the chunk width.
+    width = max(2, min(chunk_size or default_chunk_size(n_cells), n_genes))
 
     sample = np.arange(n_cells)
     if n_cells > config.n_jacobian_cells:

@@ -62,10 +62,10 @@ def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
     lo = np.floor(pos).astype(np.int64)
     hi = np.minimum(lo + 1, np.maximum(count - 1, 0))
     cols = np.arange(x.shape[1])
-    frac = pos - lo
+    low, high = ordered[lo, cols], ordered[hi, cols]
     with np.errstate(invalid="ignore"):
-        value = ordered[lo, cols] * (1 - frac) + ordered[hi, cols] * frac
-    value = np.where(frac == 0, ordered[lo, cols], value)
+        # low + (high - low) * frac is exactly low when the two are tied (counts often are).
+        value = np.where(high == low, low, low + (high - low) * (pos - lo))
     return np.where(count > 0, value, np.nan)
 
 

@@ -55,12 +55,15 @@ class KineticParams(NamedTuple):
 def _ratio_from_exps(tau, beta, gamma, exp_b, exp_g):
     d = gamma - beta
     x = d * tau
+    is_near = jnp.abs(x) <= _DIRECT_LIMIT
     tiny = jnp.abs(x) < _SERIES_LIMIT
     safe_d = jnp.where(tiny, 1.0, d)
+    # Each branch sees only arguments valid for it, so no inf/nan reaches any gradient.
+    x_near = jnp.where(is_near, x, 0.0)
     # expm1(-x)/d == -tau * (1 - x/2 + ...); the series is exact to rounding for |x| < 1e-10
-    near = exp_b * jnp.where(tiny, -tau * (1.0 - 0.5 * x), jnp.expm1(-x) / safe_d)
+    near = exp_b * jnp.where(tiny, -tau * (1.0 - 0.5 * x), jnp.expm1(-x_near) / safe_d)
     far = (exp_g - exp_b) / safe_d
-    return jnp.where(jnp.abs(x) <= _DIRECT_LIMIT, near, far)
+    return jnp.where(is_near, near, far)
 
 
 def exp_difference_ratio(tau, beta, gamma):

@@ -260,18 +260,20 @@ def shared_times(theta, var_u, var_s, data: SharedData, grid, n_newton: int = 3)
     t = grid[jnp.argmin(dist, axis=1)]
     lo, hi = grid[0], grid[-1]
     radius = jnp.full_like(t, (hi - lo) / (grid.shape[0] - 1))
-    terms = _time_terms(t, theta, var_u, var_s, data)
+    inf = jnp.full_like(t, jnp.inf)
+    zero = jnp.zeros_like(t)
 
     def refine(_, carry):
+        # The first pass evaluates the grid time itself (g = 0 gives a zero step, f = inf accepts).
         t, (f, g, h), radius = carry
         newton = jnp.where(h > 0, -g / jnp.where(h > 0, h, 1.0), -jnp.sign(g) * radius)
         cand = jnp.clip(t + jnp.clip(newton, -radius, radius), lo, hi)
         c_terms = _time_terms(cand, theta, var_u, var_s, data)
         accept = c_terms[0] < f
         pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-        return pick(cand, t), tuple(map(pick, c_terms, (f, g, h))), pick(radius, 0.25 * radius)
+        return pick(cand, t), tuple(map(pick, c_terms, (f, g, h))), jnp.where(accept | (f == jnp.inf), radius, 0.25 * radius)
 
-    t, (f, _, _), _ = jax.lax.fori_loop(0, n_newton, refine, (t, terms, radius))
+    t, (f, _, _), _ = jax.lax.fori_loop(0, n_newton + 1, refine, (t, (inf, zero, zero), radius))
     return t, f
 
 
@@ -311,6 +313,9 @@ def residual_variances(theta, t, data: SharedData, floor: float = 1e-4):
     return var_u, var_s
 
 
+residual_variances_jit = jax.jit(residual_variances, static_argnames=("floor",))
+
+
 def initial_clock(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """A first shared time: per cell, the median over genes of each gene's normalised time.
 
@@ -342,67 +347,80 @@ def _unit_range(x: np.ndarray) -> np.ndarray:
     return (x - lo) / (hi - lo) if hi > lo else np.full_like(x, 0.5)
 
 
-def clock_maps(t_gene: np.ndarray, tau: np.ndarray, weights: np.ndarray):
-    """Per-gene affine maps ``gene time = k (tau - t0)`` by weighted least squares.
+def _map_fractions(n: int):
+    """Candidate ``(a, b)`` of the map search, as fractions of the gene's time span."""
+    a = np.linspace(-1.0, 0.9, n)
+    b = np.linspace(0.1, 2.5, n)
+    aa, bb = np.meshgrid(a, b, indexing="ij")
+    keep = bb > aa + 0.1
+    return aa[keep], bb[keep]
 
-    Genes whose slope is not positive (they disagree with the shared clock) get the median
-    slope of the others and the onset that matches their mean time.
+
+def fit_clock_maps(shape, span, tau, data: SharedData, n_search: int = 16):
+    """Per-gene clock maps ``gene time = k (t - t0)`` by a search over the data's residuals.
+
+    The map is searched as the gene times ``a`` at ``t = 0`` and ``b`` at ``t = 1`` (so
+    ``k = b - a > 0``, ``t0 = -a / k``) on a grid of fractions of the gene's time span; the
+    pair with the smallest standardised squared residual of ``Mu, Ms`` at the cells' shared
+    times ``tau`` wins. This uses the kinetics rather than the per-gene times, which are not an
+    affine function of the shared time where a gene's fit is ambiguous (e.g. late repression
+    cells near ``(0, 0)`` are given early times). Call under x64.
 
     Parameters
     ----------
-    t_gene
-        ``(n_cells, n_genes)`` per-gene times.
+    shape
+        ``(5, n_genes_padded)`` ``log(alpha, beta, gamma, t_, scaling)`` on each gene's clock.
+    span
+        ``(n_genes_padded,)`` each gene's time span on its clock (e.g. its largest fitted time).
     tau
-        ``(n_cells,)`` shared times.
-    weights
-        ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
+        ``(n_cells,)`` shared times in ``[0, 1]`` (a subset of cells is enough).
+    data
+        Chunked data of the same cells.
+    n_search
+        Grid points per end of the map (static).
 
     Returns
     -------
-    ``(k, t0, slope)``: ``(n_genes,)`` speeds ``> 0``, onsets, and the raw slopes.
+    ``(6, n_genes_padded)`` ``theta``.
     """
-    w = (weights & np.isfinite(t_gene)).astype(np.float64)
-    tg = np.where(w > 0, t_gene, 0.0)
-    n = np.maximum(w.sum(axis=0), 1.0)
-    mt = (w * tau[:, None]).sum(axis=0) / n
-    mg = (w * tg).sum(axis=0) / n
-    cov = (w * (tau[:, None] - mt) * (tg - mg)).sum(axis=0)
-    var = (w * (tau[:, None] - mt) ** 2).sum(axis=0)
-    slope = cov / np.where(var > 0, var, 1.0)
-    good = slope > 1e-8 * (1.0 + np.abs(mg))
-    fallback = np.median(slope[good]) if good.any() else max(float(np.nanmax(tg)), 1.0)
-    k = np.where(good, slope, fallback)
-    t0 = mt - mg / k
-    return k, t0, slope
+    fa, fb = (jnp.asarray(f, span.dtype) for f in _map_fractions(n_search))
+
+    def theta_of(a, b):
+        k = b - a
+        lk = jnp.log(k)
+        return jnp.concatenate([shape[:3] + lk, shape[3:4] - lk, shape[4:5], (-a / k)[None]])
+
+    def loss_of(theta):
+        def body(total, chunk):
+            xu, xs, w, th, su, ss = chunk
+            mu_, ms_ = predict(th, tau[:, None], su, ss)
+            return total, jnp.sum(w * ((xu - mu_) ** 2 + (xs - ms_) ** 2), axis=0)
+
+        chunks = (data.xu, data.xs, data.w) + _chunks(data, theta, data.std_u, data.std_s)
+        return jax.lax.scan(body, None, chunks)[1].reshape(-1)
+
+    def search(best, fractions):
+        a, b = fractions[0] * span, fractions[1] * span
+        theta = theta_of(a, b)
+        loss = loss_of(theta)
+        better = loss < best[0]
+        return (jnp.where(better, loss, best[0]), jnp.where(better, theta, best[1])), None
+
+    first = theta_of(fa[0] * span, fb[0] * span)
+    init = (loss_of(first), first)
+    (_, theta), _ = jax.lax.scan(search, init, jnp.stack([fa, fb], axis=1))
+    return theta
 
 
-def theta_from_gene_fit(alpha, beta, gamma, t_, scaling, k, t0) -> np.ndarray:
-    """Shared-clock parameters of a per-gene fit mapped by ``gene time = k (t - t0)``.
-
-    Parameters
-    ----------
-    alpha, beta, gamma, t_, scaling
-        ``(n_genes,)`` per-gene kinetic parameters on each gene's own clock (``beta`` in
-        scaled-unspliced units).
-    k, t0
-        ``(n_genes,)`` clock speeds and onsets.
-
-    Returns
-    -------
-    ``(6, n_genes)`` ``theta`` (rows :data:`THETA_ROWS`).
-    """
-    lk = np.log(k)
-    return np.stack(
-        [np.log(alpha) + lk, np.log(beta) + lk, np.log(gamma) + lk, np.log(t_) - lk, np.log(scaling), t0]
-    )
+fit_clock_maps_jit = jax.jit(fit_clock_maps, static_argnames=("n_search",))
 
 
-def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds: int = 2):
+def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds: int = 2, max_cells: int = 2000, seed: int = 0):
     """Map per-gene fits onto one shared clock: the initialisation of the shared-time EM.
 
-    The first clock is :func:`initial_clock` (flipped if most genes run against it); then,
-    ``n_rounds`` times, each gene's clock map is fitted (:func:`clock_maps`) and the shared
-    time is re-estimated by the multi-gene exact time (:func:`shared_times`). Call under x64.
+    The first clock is :func:`initial_clock`; then, ``n_rounds`` times, each gene's clock map
+    is fitted (:func:`fit_clock_maps`, on at most ``max_cells`` random cells) and the shared
+    time re-estimated by the multi-gene exact time (:func:`shared_times`). Call under x64.
 
     Parameters
     ----------
@@ -418,7 +436,11 @@ def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds
     fit_weights
         ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
     n_rounds
-        Rounds of map fitting and shared time.
+        Rounds of map fitting and shared time (at least 1).
+    max_cells
+        Most cells used by the map search.
+    seed
+        Seed of the cell subset.
 
     Returns
     -------
@@ -427,22 +449,22 @@ def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds
     """
     params = np.asarray(params, np.float64)
     fit_weights = np.asarray(fit_weights, bool)
+    n_cells = t_gene.shape[0]
     n_genes, n_padded = params.shape[1], data.std_u.shape[0]
+    fill = n_padded - n_genes
+    shape = np.concatenate([np.log(params), np.repeat(np.log(params[:, :1]), fill, axis=1)], axis=1)
+    span = np.nanmax(np.where(fit_weights, t_gene, np.nan), axis=0)
+    span = np.where(np.isfinite(span) & (span > 0), span, params[3])
+    span = np.concatenate([span, np.repeat(span[:1], fill)])
+    rows = np.arange(n_cells)
+    if n_cells > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
+    sub = data._replace(xu=data.xu[:, rows], xs=data.xs[:, rows], w=data.w[:, rows])
+    shape, span = jnp.asarray(shape), jnp.asarray(span)
     tau = initial_clock(t_gene, fit_weights)
-    k, t0, slope = clock_maps(t_gene, tau, fit_weights)
-    if np.sum(slope > 0) < np.sum(slope < 0):
-        tau = 1.0 - tau
-        k, t0, _ = clock_maps(t_gene, tau, fit_weights)
-
-    def padded_theta(k, t0):
-        theta = theta_from_gene_fit(*params, k, t0)
-        return jnp.asarray(np.concatenate([theta, np.repeat(theta[:, :1], n_padded - n_genes, axis=1)], axis=1))
-
-    for _ in range(n_rounds):
-        theta = padded_theta(k, t0)
-        var_u, var_s = residual_variances(theta, jnp.asarray(tau), data)
+    for _ in range(max(n_rounds, 1)):
+        theta = fit_clock_maps_jit(shape, span, jnp.asarray(tau[rows]), sub)
+        var_u, var_s = residual_variances_jit(theta, jnp.asarray(tau), data)
         tau = np.asarray(shared_times_jit(theta, var_u, var_s, data, grid)[0])
-        k, t0, _ = clock_maps(t_gene, tau, fit_weights)
-    theta = padded_theta(k, t0)
-    var_u, var_s = residual_variances(theta, jnp.asarray(tau), data)
+    var_u, var_s = residual_variances_jit(theta, jnp.asarray(tau), data)
     return theta, var_u, var_s, tau

@@ -38,13 +38,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .shared_time import ALIGN_DIRECTIONS, FULL_DIRECTIONS, SharedData, _chunks, grid_distances, predict
+from .shared_time import ALIGN_DIRECTIONS, FULL_DIRECTIONS, SharedData, grid_distances, predict
 
 #: Largest change of each theta row in one LM step (log rates: a factor of e; t0: 0.2).
 _STEP_CAP = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.2])
 _LOG_2PI = float(np.log(2.0 * np.pi))
 #: Step fractions tried for the prior update (the last, 0, keeps the prior).
 _PRIOR_STEPS = np.array([2.0**-k for k in range(8)] + [0.0])
+#: Central-difference step of the LM Jacobian (theta units).
+_FD_STEP = 1e-5
 
 
 class SoftEMConfig(NamedTuple):
@@ -86,6 +88,38 @@ class SoftEMConfig(NamedTuple):
     cell_noise: bool = True
     mode: str = "full"
     min_var: float = 1e-6
+
+
+class _Settings(NamedTuple):
+    """The settings of :class:`SoftEMConfig` as arrays, so that one compilation serves all."""
+
+    learn_prior: jnp.ndarray
+    hard: jnp.ndarray
+    cell_noise: jnp.ndarray
+    directions: jnp.ndarray
+    kernel: jnp.ndarray
+    pseudocount: jnp.ndarray
+    tol: jnp.ndarray
+    min_var: jnp.ndarray
+
+
+def _settings(config: SoftEMConfig, grid) -> _Settings:
+    if config.prior not in ("learned", "uniform"):
+        raise ValueError(f"prior must be 'learned' or 'uniform', got {config.prior!r}")
+    if config.mode not in ("full", "align"):
+        raise ValueError(f"mode must be 'full' or 'align', got {config.mode!r}")
+    directions = FULL_DIRECTIONS if config.mode == "full" else np.pad(ALIGN_DIRECTIONS, ((0, 0), (0, 4)))
+    dtype = grid.dtype
+    return _Settings(
+        learn_prior=jnp.asarray(config.prior == "learned"),
+        hard=jnp.asarray(bool(config.hard)),
+        cell_noise=jnp.asarray(bool(config.cell_noise)),
+        directions=jnp.asarray(directions, dtype),
+        kernel=smoothing_kernel(grid, config.smoothing),
+        pseudocount=jnp.asarray(config.pseudocount, dtype),
+        tol=jnp.asarray(config.tol, dtype),
+        min_var=jnp.asarray(config.min_var, dtype),
+    )
 
 
 class SoftEMState(NamedTuple):
@@ -148,7 +182,7 @@ def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard
     grid
         ``(n_grid,)`` clock times.
     hard
-        One-hot posterior at the best grid time (classification likelihood).
+        One-hot posterior at the best grid time (classification likelihood); may be traced.
 
     Returns
     -------
@@ -159,14 +193,15 @@ def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard
     c = cell_scale[:, None]
     log_norm = -0.5 * (data.n_cell * (_LOG_2PI + jnp.log(cell_scale)) + log_det) - data.log_jac
     joint = log_pi[None, :] - dist / (2.0 * c) + log_norm[:, None]
-    if hard:
-        best = jnp.argmax(joint, axis=1)
-        q = jax.nn.one_hot(best, grid.shape[0], dtype=dist.dtype)
-        per_cell = jnp.max(joint, axis=1)
-    else:
-        per_cell = jax.nn.logsumexp(joint, axis=1)
-        q = jnp.exp(joint - per_cell[:, None])
+    soft_cell = jax.nn.logsumexp(joint, axis=1)
+    soft_q = jnp.exp(joint - soft_cell[:, None])
+    hard_q = jax.nn.one_hot(jnp.argmax(joint, axis=1), grid.shape[0], dtype=dist.dtype)
+    q = jnp.where(hard, hard_q, soft_q)
+    per_cell = jnp.where(hard, jnp.max(joint, axis=1), soft_cell)
     return q, jnp.sum(q * dist, axis=1), jnp.sum(per_cell)
+
+
+e_step_jit = jax.jit(e_step)
 
 
 def grid_statistics(q, cell_scale, data: SharedData) -> GridStatistics:
@@ -211,8 +246,10 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
 
     The residuals are ``sqrt(n_j / var) (m(t_j) - xbar_j)`` at the grid points (``xbar_j`` the
     posterior-weighted mean observation), which differ from the expected loss by a constant.
-    Steps move ``theta`` along the columns of ``directions`` and are kept per gene only if the
-    loss decreases.
+    Steps move ``theta`` along the columns of ``directions``; the Jacobian is taken by central
+    differences (a direction only, so its ~1e-9 relative error is harmless, and it compiles
+    several times faster than forward-mode AD of the kinetics). A step is kept per gene only
+    if the loss decreases, so the expected complete log-likelihood never decreases.
 
     Parameters
     ----------
@@ -227,15 +264,15 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
     grid
         Clock times.
     directions
-        ``(6, n_free)`` NumPy matrix (static).
+        ``(6, 6)`` matrix whose columns are the directions moved (zero columns are ignored).
     n_steps
         Number of steps (static).
 
     Returns
     -------
-    ``(theta, damping)``.
+    ``(theta, damping, e_u, e_s)``: new parameters and damping, and the expected weighted
+    squared residuals ``sum_ij q_ij w (x - m(t_j))^2 / c_i`` per gene at the new ``theta``.
     """
-    n_free = directions.shape[1]
     n = stats.n
     safe = jnp.where(n > 0, n, 1.0)
     mean_u, mean_s = stats.su / safe, stats.ss / safe
@@ -246,37 +283,54 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
         m_u, m_s = predict(th, grid[:, None], data.std_u, data.std_s)
         return wu * (m_u - mean_u), ws * (m_s - mean_s)
 
-    def loss(th):
-        ru, rs = res(th)
-        return jnp.sum(ru * ru + rs * rs, axis=0)
-
-    dirs = jnp.asarray(directions, theta.dtype)
-    basis = jnp.broadcast_to(dirs.T[:, :, None], (n_free,) + theta.shape)
+    n_free = directions.shape[1]
     eye = jnp.eye(n_free, dtype=theta.dtype)
     cap = jnp.asarray(_STEP_CAP, theta.dtype)[:, None]
+    shifts = jnp.concatenate([jnp.zeros((1, 6), theta.dtype), directions.T, -directions.T]) * _FD_STEP
+
+    def evaluate(th):
+        """Residuals at th and their central-difference Jacobian, one batched model call."""
+        ru, rs = jax.vmap(lambda d: res(th + d[:, None]))(shifts)  # (1 + 2 n_free, T, genes)
+        ju = (ru[1 : 1 + n_free] - ru[1 + n_free :]) / (2.0 * _FD_STEP)
+        js = (rs[1 : 1 + n_free] - rs[1 + n_free :]) / (2.0 * _FD_STEP)
+        return ru[0], rs[0], ju, js
 
     def one(_, carry):
-        th, damp, cur = carry
-        tangent = lambda d: jax.jvp(res, (th,), (d,))  # noqa: E731
-        (ru, rs), (ju, js) = jax.vmap(tangent, out_axes=(None, 0))(basis)
+        # Evaluate the candidate; keep it per gene if it lowers the loss (the first pass
+        # evaluates theta itself against an infinite loss); propose the next candidate.
+        best, cand, damp = carry
+        ru, rs, ju, js = evaluate(cand)
+        c_loss = jnp.sum(ru * ru + rs * rs, axis=0)
+        accept = jnp.isfinite(c_loss) & (c_loss < best[-1])
+        first = jnp.isinf(best[-1])
+        damp = jnp.where(first, damp, jnp.clip(jnp.where(accept, damp * 0.3, damp * 10.0), 1e-9, 1e9))
+        best = tuple(jnp.where(accept, a, b) for a, b in zip((cand, ru, rs, ju, js, c_loss), best))
+        th, ru, rs, ju, js, _ = best
         jtj = jnp.einsum("ptg,qtg->gpq", ju, ju) + jnp.einsum("ptg,qtg->gpq", js, js)
         jtr = jnp.einsum("ptg,tg->gp", ju, ru) + jnp.einsum("ptg,tg->gp", js, rs)
         diag = jnp.diagonal(jtj, axis1=1, axis2=2)
         scale = jnp.maximum(diag, 1e-12 * (1.0 + jnp.max(diag, axis=1, keepdims=True)))
+        scale = jnp.where(diag > 0, scale, 1.0)  # unused directions: identity rows, zero step
         lhs = jtj + (damp[:, None] * scale)[:, :, None] * eye
-        delta = dirs @ jnp.linalg.solve(lhs, -jtr[..., None])[..., 0].T  # (6, genes)
+        factor = jax.scipy.linalg.cho_factor(lhs)
+        delta = directions @ jax.scipy.linalg.cho_solve(factor, -jtr[..., None])[..., 0].T
         ratio = jnp.max(jnp.abs(delta) / cap, axis=0)
         delta = delta * jnp.minimum(1.0, 1.0 / jnp.maximum(ratio, 1e-30))
-        delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
-        cand = th + delta
-        c_loss = loss(cand)
-        accept = jnp.isfinite(c_loss) & (c_loss < cur)
-        th = jnp.where(accept[None, :], cand, th)
-        damp = jnp.clip(jnp.where(accept, damp * 0.3, damp * 10.0), 1e-9, 1e9)
-        return th, damp, jnp.where(accept, c_loss, cur)
+        delta = jnp.where(jnp.all(jnp.isfinite(delta), axis=0), delta, 0.0)
+        return best, th + delta, damp
 
-    theta, damping, _ = jax.lax.fori_loop(0, n_steps, one, (theta, damping, loss(theta)))
-    return theta, damping
+    n_t, n_g = n.shape
+    zeros_r = jnp.zeros((n_t, n_g), theta.dtype)
+    zeros_j = jnp.zeros((n_free, n_t, n_g), theta.dtype)
+    best = (theta, zeros_r, zeros_r, zeros_j, zeros_j, jnp.full(n_g, jnp.inf, theta.dtype))
+    best, _, damping = jax.lax.fori_loop(0, n_steps + 1, one, (best, theta, damping))
+    theta, ru, rs = best[:3]
+    # Expected squared residuals = grid residuals^2 * var + the within-grid-point scatter.
+    within_u = jnp.sum(jnp.maximum(stats.suu - stats.su * mean_u, 0.0), axis=0)
+    within_s = jnp.sum(jnp.maximum(stats.sss - stats.ss * mean_s, 0.0), axis=0)
+    e_u = jnp.sum(ru * ru, axis=0) * var_u + within_u
+    e_s = jnp.sum(rs * rs, axis=0) * var_s + within_s
+    return theta, damping, e_u, e_s
 
 
 def smoothing_kernel(grid, bandwidth: float):
@@ -287,7 +341,7 @@ def smoothing_kernel(grid, bandwidth: float):
     return k / jnp.sum(k, axis=0, keepdims=True)
 
 
-def prior_update(log_pi, q, grid, config: SoftEMConfig):
+def prior_update(log_pi, q, kernel, pseudocount):
     """Move ``pi`` towards the smoothed Dirichlet-MAP target without lowering ``sum_j n_j log pi_j``.
 
     Parameters
@@ -296,10 +350,10 @@ def prior_update(log_pi, q, grid, config: SoftEMConfig):
         ``(n_grid,)`` current log prior.
     q
         ``(n_cells, n_grid)`` posterior.
-    grid
-        Clock times.
-    config
-        Settings (``pseudocount``, ``smoothing``).
+    kernel
+        ``(n_grid, n_grid)`` smoothing kernel (:func:`smoothing_kernel`).
+    pseudocount
+        Dirichlet pseudo-count per grid point as a fraction of ``n_cells / n_grid``.
 
     Returns
     -------
@@ -307,8 +361,8 @@ def prior_update(log_pi, q, grid, config: SoftEMConfig):
     """
     n_cells, n_grid = q.shape
     counts = jnp.sum(q, axis=0)
-    a = config.pseudocount * n_cells / n_grid
-    target = smoothing_kernel(grid, config.smoothing) @ ((counts + a) / (n_cells + n_grid * a))
+    a = pseudocount * n_cells / n_grid
+    target = kernel @ ((counts + a) / (n_cells + n_grid * a))
     pi = jnp.exp(log_pi)
     steps = jnp.asarray(_PRIOR_STEPS, q.dtype)[:, None]
     cands = pi[None, :] + steps * (target - pi)[None, :]
@@ -338,12 +392,16 @@ def init(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_
     -------
     :class:`SoftEMState`.
     """
+    return _init(data, grid, theta, var_u, var_s, _settings(config, grid), log_pi, cell_scale)
+
+
+def _init(data, grid, theta, var_u, var_s, settings: _Settings, log_pi, cell_scale) -> SoftEMState:
     n_cells, n_grid = data.xu.shape[1], grid.shape[0]
     if log_pi is None:
         log_pi = jnp.full(n_grid, -jnp.log(n_grid), grid.dtype)
     if cell_scale is None:
         cell_scale = jnp.ones(n_cells, grid.dtype)
-    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, cell_scale, data, grid, config.hard)
+    q, qd, loglik = e_step_jit(theta, var_u, var_s, log_pi, cell_scale, data, grid, settings.hard)
     damping = jnp.full(theta.shape[1], 1e-2, theta.dtype)
     return SoftEMState(theta, var_u, var_s, log_pi, cell_scale, q, qd, loglik, damping, jnp.int32(0))
 
@@ -360,35 +418,48 @@ def step(state: SoftEMState, data: SharedData, grid, config: SoftEMConfig) -> So
     grid
         Clock times.
     config
-        Settings (static).
+        Settings.
 
     Returns
     -------
-    The next :class:`SoftEMState`; its ``loglik`` is ``>=`` the input's up to rounding.
+    The next :class:`SoftEMState`; its ``loglik`` is ``>=`` the input's up to rounding. Jitted
+    (compiled once per array shape and ``n_lm``).
     """
+    return _step_jit(state, data, grid, _settings(config, grid), config.n_lm)
+
+
+def _step(state: SoftEMState, data: SharedData, grid, settings: _Settings, n_lm: int) -> SoftEMState:
     var_u, var_s, c = state.var_u, state.var_s, state.cell_scale
-    if config.cell_noise:
-        has = data.n_cell > 0
-        c = jnp.where(has, jnp.maximum(state.qd / jnp.where(has, data.n_cell, 1.0), 1e-8), 1.0)
-        k = jnp.exp(jnp.sum(jnp.where(has, jnp.log(c), 0.0)) / jnp.maximum(jnp.sum(has), 1))
-        c, var_u, var_s = c / k, var_u * k, var_s * k  # same likelihood; geometric mean of c is 1
+    # Block 1, per-cell noise: c_i = sum_j q_ij D_ij / n_i maximises Q; then rescale so that the
+    # geometric mean of c is 1 (c / k and var * k give the same likelihood).
+    has = data.n_cell > 0
+    new_c = jnp.where(has, jnp.maximum(state.qd / jnp.where(has, data.n_cell, 1.0), 1e-8), 1.0)
+    k = jnp.exp(jnp.sum(jnp.where(has, jnp.log(new_c), 0.0)) / jnp.maximum(jnp.sum(has), 1))
+    k = jnp.where(settings.cell_noise, k, 1.0)
+    c = jnp.where(settings.cell_noise, new_c / k, c)
+    var_u, var_s = var_u * k, var_s * k
+    # Block 2, gene parameters: LM on the grid statistics, improving steps only.
     stats = grid_statistics(state.q, c, data)
-    directions = FULL_DIRECTIONS if config.mode == "full" else ALIGN_DIRECTIONS
-    theta, damping = levenberg_marquardt(
-        state.theta, state.damping, stats, var_u, var_s, data, grid, directions, config.n_lm
+    theta, damping, e_u, e_s = levenberg_marquardt(
+        state.theta, state.damping, stats, var_u, var_s, data, grid, settings.directions, n_lm
     )
-    e_u, e_s = expected_sse(theta, stats, data, grid)
+    # Block 3, variances in closed form given theta.
     used = data.n_gene > 0
     safe = jnp.where(used, data.n_gene, 1.0)
-    var_u = jnp.where(used, jnp.maximum(e_u / safe, config.min_var), 1.0)
-    var_s = jnp.where(used, jnp.maximum(e_s / safe, config.min_var), 1.0)
-    log_pi = state.log_pi if config.prior == "uniform" else prior_update(state.log_pi, state.q, grid, config)
-    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, c, data, grid, config.hard)
+    var_u = jnp.where(used, jnp.maximum(e_u / safe, settings.min_var), 1.0)
+    var_s = jnp.where(used, jnp.maximum(e_s / safe, settings.min_var), 1.0)
+    # Block 4, the prior.
+    learned = prior_update(state.log_pi, state.q, settings.kernel, settings.pseudocount)
+    log_pi = jnp.where(settings.learn_prior, learned, state.log_pi)
+    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, c, data, grid, settings.hard)
     return SoftEMState(theta, var_u, var_s, log_pi, c, q, qd, loglik, damping, state.n_iter + 1)
 
 
 def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_pi=None, cell_scale=None):
     """Iterate :func:`step` until the log-likelihood gain is below ``tol`` or ``max_iter``.
+
+    The step is jitted once per array shape and ``n_lm`` (every other setting is passed as an
+    array), and the loop runs on the host, so changing settings never recompiles.
 
     Parameters
     ----------
@@ -397,26 +468,22 @@ def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_p
 
     Returns
     -------
-    ``(state, trace)``: the final :class:`SoftEMState` and the ``(max_iter + 1,)``
+    ``(state, trace)``: the final :class:`SoftEMState` and the ``(max_iter + 1,)`` NumPy
     log-likelihood per iteration (``nan`` after the last).
     """
-    state = init(data, grid, theta, var_u, var_s, config, log_pi, cell_scale)
-    trace = jnp.full(config.max_iter + 1, jnp.nan, grid.dtype).at[0].set(state.loglik)
-
-    def cond(carry):
-        st, _, gain = carry
-        return (st.n_iter < config.max_iter) & (gain > config.tol * jnp.abs(st.loglik))
-
-    def body(carry):
-        st, tr, _ = carry
-        new = step(st, data, grid, config)
-        return new, tr.at[new.n_iter].set(new.loglik), new.loglik - st.loglik
-
-    state, trace, _ = jax.lax.while_loop(cond, body, (state, trace, jnp.asarray(jnp.inf, grid.dtype)))
+    settings = _settings(config, grid)
+    state = _init(data, grid, theta, var_u, var_s, settings, log_pi, cell_scale)
+    trace = np.full(config.max_iter + 1, np.nan)
+    trace[0] = float(state.loglik)
+    for it in range(1, config.max_iter + 1):
+        state = _step_jit(state, data, grid, settings, config.n_lm)
+        trace[it] = float(state.loglik)
+        if trace[it] - trace[it - 1] <= config.tol * abs(trace[it]):
+            break
     return state, trace
 
 
-run_jit = jax.jit(run, static_argnames=("config",))
+_step_jit = jax.jit(_step, static_argnames=("n_lm",))
 
 
 def posterior_moments(q, grid):

@@ -16,13 +16,23 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._validation import VelofitInputError, VelofitKeyError, check_adata, dense_layer
+from .._validation import (
+    VelofitInputError,
+    VelofitKeyError,
+    check_adata,
+    check_bool,
+    check_int,
+    check_key,
+    dense_layer,
+)
 from ..core.kinetics import KineticParams, trajectory
 
 #: Softmax temperature of the transition matrix (scVelo's ``scale``).
 DEFAULT_SCALE = 10.0
 #: Elements of a (pairs x genes) block held at once when computing cosines.
 _BLOCK_ELEMENTS = 4_000_000
+#: One compilation per shape instead of one per primitive (eager dispatch takes seconds).
+_trajectory = jax.jit(trajectory)
 _FIT_COLUMNS = ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling", "fit_status")
 
 
@@ -65,6 +75,9 @@ def velocity_graph(
     ``n_neighbors``.
     """
     adata = check_adata(adata)
+    check_key("vkey", vkey)
+    check_key("xkey", xkey)
+    check_bool("copy", copy)
     graph, graph_neg = _cosine_graph(adata, vkey=vkey, xkey=xkey, n_neighbors=n_neighbors)
     out = adata.copy() if copy else adata
     out.uns[f"{vkey}_graph"] = graph
@@ -86,11 +99,13 @@ def velocity_embedding(
 ) -> AnnData | None:
     """Project velocities onto an embedding through the transition matrix of the velocity graph.
 
-    ``T = normalise(exp(scale * cos))`` over each cell's neighbours (with scVelo's
-    self-transitions, ``scale = 10``); then ``v_i = sum_j T_ij d_ij - mean_j(T_ij) sum_j d_ij``
+    As scVelo's ``velocity_embedding`` (its defaults, without ``autoscale``): transition
+    weights ``sign(cos_ij) expm1(10 |cos_ij|)`` over each cell's neighbours plus scVelo's
+    self-transition, rows normalised by their absolute sums (:func:`transition_matrix` with
+    ``use_negative_cosines=True``; for positive cosines this is the softmax
+    ``exp(10 cos_ij)``, less 1); then ``v_i = sum_j T_ij d_ij - mean_j(T_ij) sum_j d_ij``
     with ``d_ij`` the unit vector from cell ``i`` to neighbour ``j`` in the embedding: the
-    expected displacement minus the one a uniform choice of neighbour would give (scVelo's
-    ``velocity_embedding`` without autoscaling).
+    expected displacement minus the one a uniform choice of neighbour would give.
 
     Parameters
     ----------
@@ -112,8 +127,10 @@ def velocity_embedding(
     :func:`velocity_graph`) when it had to be computed.
     """
     adata = check_adata(adata)
+    basis = check_key("basis", basis).removeprefix("X_")
+    check_key("vkey", vkey)
+    check_bool("copy", copy)
     out = adata.copy() if copy else adata
-    basis = basis.removeprefix("X_")
     if f"{vkey}_graph" not in out.uns:
         velocity_graph(out, vkey=vkey)
     out.obsm[f"{vkey}_{basis}"] = project_embedding(out, basis=basis, vkey=vkey)
@@ -155,13 +172,14 @@ def rank_dynamical_genes(
     matching scores) and ``uns["rank_dynamical_genes_params"]`` (``groupby``, ``n_genes``).
     """
     adata = check_adata(adata)
+    check_key("groupby", groupby)
+    n_genes = check_int("n_genes", n_genes, minimum=1)
+    check_bool("copy", copy)
     if groupby not in adata.obs.columns:
         raise VelofitKeyError(
             f"obs column {groupby!r} not found (columns: {', '.join(map(str, adata.obs.columns)) or 'none'}); "
             "pass groupby= naming a categorical column of cell groups"
         )
-    if not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
-        raise VelofitInputError(f"n_genes must be a positive integer, got {n_genes!r}")
     genes = fitted_genes(adata)
     likelihood = cell_likelihood(adata, genes)
     groups = adata.obs[groupby].astype("category")
@@ -246,7 +264,7 @@ def model_curve(t: np.ndarray, params: KineticParams) -> tuple[np.ndarray, np.nd
     """
     with jax.enable_x64(True):
         jparams = KineticParams(*(jnp.asarray(p, dtype=jnp.float64) for p in params))
-        u, s = trajectory(jnp.asarray(t, dtype=jnp.float64), jparams)
+        u, s = _trajectory(jnp.asarray(t, dtype=jnp.float64), jparams)
         return np.asarray(u) * np.asarray(params.scaling), np.asarray(s)
 
 
@@ -302,9 +320,7 @@ def _neighbour_pattern(adata: AnnData, n_neighbors: int | None) -> sp.csr_matrix
     conn.setdiag(0)
     conn.eliminate_zeros()
     if n_neighbors is not None:
-        if not isinstance(n_neighbors, (int, np.integer)) or n_neighbors < 1:
-            raise VelofitInputError(f"n_neighbors must be a positive integer or None, got {n_neighbors!r}")
-        conn = _strongest_per_row(conn, int(n_neighbors))
+        conn = _strongest_per_row(conn, check_int("n_neighbors", n_neighbors, minimum=1))
     conn.sort_indices()
     return conn
 
@@ -353,9 +369,13 @@ def _self_probability(graph: sp.csr_matrix) -> np.ndarray:
 
 
 def transition_matrix(
-    graph: sp.csr_matrix, graph_neg: sp.csr_matrix, *, scale: float = DEFAULT_SCALE
+    graph: sp.csr_matrix,
+    graph_neg: sp.csr_matrix,
+    *,
+    scale: float = DEFAULT_SCALE,
+    use_negative_cosines: bool = False,
 ) -> sp.csr_matrix:
-    """Row-stochastic transition matrix from a velocity graph, as scVelo's default.
+    """Transition matrix of a velocity graph, as scVelo's ``transition_matrix``.
 
     Parameters
     ----------
@@ -363,20 +383,32 @@ def transition_matrix(
         ``(n_obs, n_obs)`` positive and negative cosine parts (disjoint supports).
     scale
         Softmax temperature.
+    use_negative_cosines
+        ``False`` (scVelo's ``transition_matrix`` default): weight ``exp(scale * cos_ij)`` for
+        every neighbour, a softmax. ``True`` (what scVelo's ``velocity_embedding`` uses): weight
+        ``sign(cos) * expm1(scale * |cos|)``, so that neighbours against the velocity push the
+        projection away from them; rows are then normalised by the sum of absolute weights.
 
     Returns
     -------
-    ``(n_obs, n_obs)`` CSR: ``exp(scale * cos_ij)`` over each cell's neighbours plus the
-    self-transition ``exp(scale * p_self)`` on the diagonal, rows normalised to sum to 1.
+    ``(n_obs, n_obs)`` CSR with scVelo's self-transition ``p_self`` on the diagonal (weight
+    ``exp(scale * p_self)``, or ``expm1`` with ``use_negative_cosines``), each row's absolute
+    values summing to 1.
     """
     cos = (sp.csr_matrix(graph) + sp.csr_matrix(graph_neg)).tocsr()
     cos.setdiag(0)
     cos.eliminate_zeros()
     weights = cos.copy()
-    weights.data = np.exp(scale * weights.data)
-    weights = (weights + sp.diags(np.exp(scale * _self_probability(sp.csr_matrix(graph))))).tocsr()
-    totals = np.asarray(weights.sum(axis=1)).ravel()
-    return sp.diags(1.0 / totals) @ weights
+    self_scaled = scale * _self_probability(sp.csr_matrix(graph))
+    if use_negative_cosines:
+        weights.data = np.sign(weights.data) * np.expm1(scale * np.abs(weights.data))
+        diagonal = np.expm1(self_scaled)
+    else:
+        weights.data = np.exp(scale * weights.data)
+        diagonal = np.exp(self_scaled)
+    weights = (weights + sp.diags(diagonal)).tocsr()
+    totals = np.asarray(abs(weights).sum(axis=1)).ravel()
+    return (sp.diags(1.0 / np.where(totals > 0, totals, 1.0)) @ weights).tocsr()
 
 
 def project_embedding(adata: AnnData, *, basis: str = "umap", vkey: str = "velocity") -> np.ndarray:
@@ -410,7 +442,7 @@ def project_embedding(adata: AnnData, *, basis: str = "umap", vkey: str = "veloc
         graph_neg = sp.csr_matrix(adata.uns.get(f"{vkey}_graph_neg", sp.csr_matrix(graph.shape)))
     else:
         graph, graph_neg = _cosine_graph(adata, vkey=vkey)
-    t = transition_matrix(graph, graph_neg).tocsr()
+    t = transition_matrix(graph, graph_neg, use_negative_cosines=True)
     t.setdiag(0)
     t.eliminate_zeros()
     rows = np.repeat(np.arange(adata.n_obs), np.diff(t.indptr))

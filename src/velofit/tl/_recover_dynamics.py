@@ -9,9 +9,10 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._validation import VelofitInputError, check_adata, dense_layer, resolve_var_names
+from .._validation import check_adata, check_bool, check_fit_options, check_key, dense_layer, resolve_var_names
 from ..core.fit import GeneFit, fit_genes
 from ..core.hard_em import EMConfig
+from ..core.initialize import MIN_CELLS
 
 #: Total time span that every gene's clock is rescaled to (scVelo's ``t_max`` default).
 DEFAULT_T_MAX = 20.0
@@ -26,7 +27,7 @@ def recover_dynamics(
     spliced_layer: str = "Ms",
     unspliced_layer: str = "Mu",
     max_iter: int = 20,
-    n_explicit: int = 10,
+    n_explicit: int = 0,
     tol: float = 1e-4,
     t_max: float = DEFAULT_T_MAX,
     chunk_size: int | None = None,
@@ -61,7 +62,8 @@ def recover_dynamics(
         Total EM iterations.
     n_explicit
         Leading iterations that use the explicit (closed-form) time assignment; the rest use
-        exact assignment. ``0`` is exact throughout.
+        exact assignment. The default ``0`` (exact throughout) was the most accurate against
+        known truth and no slower (``benchmarks/CLAIMS.md``).
     tol
         Relative loss decrease below which a gene has converged.
     t_max
@@ -93,8 +95,14 @@ def recover_dynamics(
     ``varm["loss"]``: loss per iteration. ``uns["recover_dynamics"]``: the parameters used,
     the summed loss per iteration and the velofit version.
     """
-    adata = check_adata(adata)
-    _check_options(max_iter=max_iter, n_explicit=n_explicit, tol=tol, t_max=t_max, chunk_size=chunk_size)
+    adata = check_adata(adata, min_obs=MIN_CELLS, what="recover_dynamics")
+    check_fit_options(
+        max_iter=max_iter, n_explicit=n_explicit, tol=tol, t_max=t_max, chunk_size=chunk_size, seed=seed
+    )
+    check_key("spliced_layer", spliced_layer)
+    check_key("unspliced_layer", unspliced_layer)
+    check_bool("progress", progress)
+    check_bool("copy", copy)
     genes = resolve_var_names(adata, var_names)
     ms = dense_layer(adata, spliced_layer, genes)
     mu = dense_layer(adata, unspliced_layer, genes)
@@ -122,19 +130,6 @@ def recover_dynamics(
     return out if copy else None
 
 
-def _check_options(*, max_iter, n_explicit, tol, t_max, chunk_size) -> None:
-    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise VelofitInputError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not isinstance(n_explicit, (int, np.integer)) or not 0 <= n_explicit <= max_iter:
-        raise VelofitInputError(f"n_explicit must be an integer in [0, max_iter={max_iter}], got {n_explicit!r}")
-    if not np.isfinite(tol) or tol < 0:
-        raise VelofitInputError(f"tol must be a finite number >= 0, got {tol!r}")
-    if not np.isfinite(t_max) or t_max <= 0:
-        raise VelofitInputError(f"t_max must be a finite number > 0, got {t_max!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-        raise VelofitInputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-
-
 def _write_fit(adata: AnnData, genes: np.ndarray, fit: GeneFit, t_max: float) -> None:
     n_vars = adata.n_vars
     fitted = fit.fitted
@@ -158,7 +153,7 @@ def _write_fit(adata: AnnData, genes: np.ndarray, fit: GeneFit, t_max: float) ->
         "fit_scaling": fit.scaling,
         "fit_std_u": np.where(fitted, fit.std_u, np.nan),
         "fit_std_s": np.where(fitted, fit.std_s, np.nan),
-        "fit_likelihood": np.exp(-0.5 * mean_sq),
+        "fit_likelihood": np.maximum(np.exp(-0.5 * mean_sq), np.finfo(float).tiny),
         "fit_loglik": -np.log(2 * np.pi * var_mle) - 1.0,
         "fit_u0": np.where(fitted, 0.0, np.nan),
         "fit_s0": np.where(fitted, 0.0, np.nan),

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from anndata import AnnData
 
-from .._validation import VelofitKeyError, check_adata
+from .._validation import VelofitInputError, VelofitKeyError, check_adata, check_bool, check_key, check_number
 from ..core.kinetics import KineticParams, velocities
 from ._recover_dynamics import DEFAULT_MIN_LIKELIHOOD, select_velocity_genes
 
-_REQUIRED = ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling", "fit_status")
+_REQUIRED = ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling", "fit_likelihood", "fit_status")
 
 
 def velocity(
@@ -44,12 +44,16 @@ def velocity(
     (``nan`` for genes not fitted), ``var[f"{vkey}_genes"]``, ``uns[f"{vkey}_params"]``.
     """
     adata = check_adata(adata)
+    check_key("vkey", vkey)
+    check_number("min_likelihood", min_likelihood, minimum=0.0, maximum=1.0)
+    check_bool("copy", copy)
     missing = [k for k in _REQUIRED if k not in adata.var.columns]
     if missing or "fit_t" not in adata.layers:
         raise VelofitKeyError(
             f"no fitted dynamics found (missing {missing or ['layers/fit_t']}); "
             "run velofit.tl.recover_dynamics(adata) first"
         )
+    _check_fitted(adata)
     out = adata.copy() if copy else adata
     var = out.var
     fitted = np.flatnonzero(np.asarray(var["fit_status"] == "ok"))
@@ -74,3 +78,24 @@ def velocity(
     out.var[f"{vkey}_genes"] = select_velocity_genes(out, min_likelihood)
     out.uns[f"{vkey}_params"] = {"mode": "dynamical", "min_likelihood": min_likelihood}
     return out if copy else None
+
+
+def _check_fitted(adata: AnnData) -> None:
+    """Genes marked fitted must have finite positive parameters and finite times."""
+    var = adata.var
+    ok = np.flatnonzero(np.asarray(var["fit_status"] == "ok"))
+    if ok.size == 0:
+        return
+    params = np.stack(
+        [var[k].to_numpy(dtype=float)[ok] for k in ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling")]
+    )
+    t = np.asarray(adata.layers["fit_t"])[:, ok]
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.all(np.isfinite(params) & (params > 0), axis=0) & np.all(np.isfinite(t), axis=0))
+    if bad.any():
+        names = list(adata.var_names[ok[bad]][:5])
+        raise VelofitInputError(
+            f"{int(bad.sum())} gene(s) marked fit_status == 'ok' have non-finite or non-positive fit_alpha/"
+            f"fit_beta/fit_gamma/fit_t_/fit_scaling or non-finite layers['fit_t'], e.g. {names}; "
+            "rerun velofit.tl.recover_dynamics(adata) instead of editing its output"
+        )

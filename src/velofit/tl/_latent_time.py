@@ -1,0 +1,310 @@
+"""``latent_time``: one time per cell from all genes, with its posterior and a learned prior."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from anndata import AnnData
+
+from .. import __version__
+from .._validation import (
+    VelofitInputError,
+    VelofitKeyError,
+    check_adata,
+    check_bool,
+    check_int,
+    check_key,
+    dense_layer,
+)
+from ..core import shared_time as st
+from ..core import soft_em as se
+from ..core.initialize import gene_statistics
+
+#: Grid points of the shared clock.
+DEFAULT_N_GRID = 200
+#: Soft-EM iterations of ``latent_time`` after a per-gene fit.
+DEFAULT_MAX_ITER = 100
+#: Memory budget of one gene chunk of the shared-time passes, in bytes.
+_CHUNK_BYTES = 256 * 1024**2
+_FIT_COLUMNS = ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling", "fit_status")
+
+
+def latent_time(
+    adata: AnnData,
+    *,
+    root_key: str | tuple[str, Any] | None = None,
+    root_cells: Sequence[int] | Sequence[str] | np.ndarray | None = None,
+    n_grid: int = DEFAULT_N_GRID,
+    prior: str = "learned",
+    max_iter: int = DEFAULT_MAX_ITER,
+    spliced_layer: str | None = None,
+    unspliced_layer: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Shared latent time of every cell, integrated over all fitted genes, with its posterior.
+
+    After a per-gene fit (:func:`velofit.tl.recover_dynamics`), every gene's clock is mapped
+    onto one shared clock ``t`` in ``[0, 1]`` by a per-gene affine map
+    ``gene time = k_g (t - t0_g)`` estimated from the data (each gene's kinetic shape is kept):
+    the maps are first searched against a median-of-genes clock, the shared time is found by
+    the multi-gene exact time of MODEL.md section 3, and then the maps, the per-gene noise and
+    the time prior are refined by soft EM over a grid (MODEL.md section 5; only the maps move).
+    After a shared fit (``recover_dynamics(adata, time="shared")``) the stored shared model is
+    used as is. The posterior over the grid gives each cell's time (its mean) and spread (its
+    standard deviation).
+
+    Direction: every gene's clock runs forward (induction before repression, rates > 0), so
+    the shared clock does too. Root cells, if given, override it: if they lie later than
+    the average cell, the clock is reversed so that they get the earliest times.
+
+    Parameters
+    ----------
+    adata
+        Data after :func:`velofit.tl.recover_dynamics`.
+    root_key
+        ``(obs column, value)``: cells whose column equals the value are roots; or the name of
+        a boolean ``obs`` column.
+    root_cells
+        Root cells as integer positions, ``obs_names`` or a boolean mask (overrides
+        ``root_key``).
+    n_grid
+        Grid points of the clock (per-gene fits only; a shared fit keeps its grid).
+    prior
+        ``"learned"`` (Dirichlet-smoothed, estimated by EM) or ``"uniform"``.
+    max_iter
+        Soft-EM iterations (per-gene fits only).
+    spliced_layer, unspliced_layer
+        Moments; default the layers of the fit (``uns["recover_dynamics"]``), else ``Ms``/``Mu``.
+    copy
+        Return a modified copy instead of writing to ``adata``.
+
+    Returns
+    -------
+    ``None``, or a copy if ``copy=True``. Written:
+
+    ``obs["latent_time"]``: posterior mean time in ``[0, 1]``; ``obs["latent_time_std"]``:
+    posterior standard deviation; ``obs["velofit_cell_noise"]``: the cell's noise factor;
+    ``obsm["latent_time_posterior"]``: ``(n_obs, n_grid)`` float32 posterior;
+    ``uns["velofit"]``: ``"time_grid"`` ``(n_grid,)``, ``"prior"`` ``(n_grid,)`` prior
+    weights, ``"loglik"`` log-likelihood per EM iteration, ``"latent_time_params"`` (mode,
+    prior, direction, number of genes, roots).
+    """
+    adata = check_adata(adata, what="latent_time")
+    n_grid = check_int("n_grid", n_grid, minimum=3)
+    max_iter = check_int("max_iter", max_iter, minimum=0)
+    check_bool("copy", copy)
+    if prior not in ("learned", "uniform"):
+        raise VelofitInputError(f"prior must be 'learned' or 'uniform', got {prior!r}")
+    roots = root_mask(adata, root_key=root_key, root_cells=root_cells)
+    layers = _layers(adata, spliced_layer, unspliced_layer)
+    out = adata.copy() if copy else adata
+    shared = stored_shared_fit(out)
+    if shared is not None:
+        q, grid, log_pi, trace, clock, n_genes = _posterior_of_shared_fit(out, shared, layers)
+        info = {"mode": "shared", "em": shared["em"], "prior": shared["prior_kind"]}
+    else:
+        genes = _fitted_genes(out)
+        mu, ms = (dense_layer(out, layers[k], genes) for k in (1, 0))
+        inputs = per_gene_inputs(out, genes, mu, ms)
+        config = se.SoftEMConfig(mode="align", prior=prior, max_iter=max_iter)
+        with jax.enable_x64(True):
+            data = st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
+            grid = jnp.linspace(0.0, 1.0, n_grid)
+            theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs)
+            state, trace = se.run(data, grid, theta, var_u, var_s, config)
+            q, log_pi, cell_noise = (np.asarray(a) for a in (state.q, state.log_pi, state.cell_scale))
+            grid = np.asarray(grid)
+        out.obs["velofit_cell_noise"] = cell_noise
+        clock, n_genes = q @ grid, genes.size
+        info = {"mode": "per_gene", "em": "soft", "prior": prior}
+    write_latent_time(out, q, grid, np.exp(log_pi), trace, clock, roots, {**info, "n_genes": int(n_genes)})
+    return out if copy else None
+
+
+def root_mask(
+    adata: AnnData,
+    *,
+    root_key: str | tuple[str, Any] | None = None,
+    root_cells: Sequence[int] | Sequence[str] | np.ndarray | None = None,
+) -> np.ndarray | None:
+    """Boolean ``(n_obs,)`` mask of root cells, or ``None`` when none is given.
+
+    Parameters
+    ----------
+    adata
+        The data.
+    root_key
+        ``(obs column, value)`` or the name of a boolean ``obs`` column.
+    root_cells
+        Integer positions, ``obs_names`` or a boolean mask; takes precedence over ``root_key``.
+
+    Returns
+    -------
+    The mask (at least one cell), or ``None``.
+    """
+    if root_cells is not None:
+        arr = np.asarray(root_cells)
+        if arr.dtype == bool:
+            if arr.shape != (adata.n_obs,):
+                raise VelofitInputError(f"boolean root_cells must have length n_obs={adata.n_obs}, got {arr.shape}")
+            mask = arr.copy()
+        elif np.issubdtype(arr.dtype, np.integer):
+            if arr.size and (arr.min() < -adata.n_obs or arr.max() >= adata.n_obs):
+                raise VelofitInputError(f"root_cells has positions outside [0, {adata.n_obs})")
+            mask = np.zeros(adata.n_obs, bool)
+            mask[arr] = True
+        else:
+            index = adata.obs_names.get_indexer(arr.astype(str).ravel())
+            if np.any(index < 0):
+                raise VelofitKeyError(f"root_cells names not in obs_names, e.g. {list(arr.ravel()[index < 0][:5])}")
+            mask = np.zeros(adata.n_obs, bool)
+            mask[index] = True
+    elif root_key is not None:
+        column, value = (root_key, True) if isinstance(root_key, str) else tuple(root_key)
+        if column not in adata.obs.columns:
+            raise VelofitKeyError(f"root_key column {column!r} not in adata.obs; pass an existing obs column")
+        mask = np.asarray(adata.obs[column] == value, dtype=bool)
+    else:
+        return None
+    if not mask.any():
+        raise VelofitInputError("the root selection contains no cell; check root_key / root_cells")
+    return mask
+
+
+def write_latent_time(adata, q, grid, prior, trace, clock, roots, info: dict) -> None:
+    """Orient the clock by the roots and write the latent-time keys (see :func:`latent_time`).
+
+    Parameters
+    ----------
+    adata
+        Target AnnData.
+    q
+        ``(n_obs, n_grid)`` posterior on the clock ``grid``.
+    grid
+        ``(n_grid,)`` clock times in ``[0, 1]``.
+    prior
+        ``(n_grid,)`` prior weights.
+    trace
+        Log-likelihood per iteration (``nan`` entries dropped).
+    clock
+        ``(n_obs,)`` point estimate of each cell's clock time.
+    roots
+        Root mask or ``None``.
+    info
+        Extra entries of ``uns["velofit"]["latent_time_params"]``.
+    """
+    q = np.asarray(q, np.float64)
+    q = q / np.sum(q, axis=1, keepdims=True)
+    mean = q @ grid
+    std = np.sqrt(np.maximum(q @ (grid * grid) - mean * mean, 0.0))
+    reverse = roots is not None and np.mean(clock[roots]) > np.mean(clock)
+    if reverse:  # the grid is symmetric on [0, 1]: reversing it maps t to 1 - t
+        q, prior, clock = q[:, ::-1], np.asarray(prior)[::-1], 1.0 - clock
+    adata.obs["latent_time"] = np.clip(clock, 0.0, 1.0)
+    adata.obs["latent_time_std"] = std
+    adata.obsm["latent_time_posterior"] = q.astype(np.float32)
+    trace = np.asarray(trace, np.float64)
+    store = dict(adata.uns.get("velofit", {}))
+    store.update(
+        time_grid=np.asarray(grid, np.float64),
+        prior=np.asarray(prior, np.float64),
+        loglik=trace[np.isfinite(trace)],
+        latent_time_params={
+            **info,
+            "n_grid": int(np.size(grid)),
+            "direction": "reversed (root cells)" if reverse else "forward",
+            "n_root_cells": 0 if roots is None else int(roots.sum()),
+            "velofit_version": __version__,
+        },
+    )
+    adata.uns["velofit"] = store
+
+
+def chunk_width(n_cells: int, n_genes: int) -> int:
+    """Genes per chunk of the shared-time passes (about 256 MiB per chunk, little padding)."""
+    width = max(16, _CHUNK_BYTES // (16 * 8 * max(n_cells, 1)))
+    n_chunks = -(-n_genes // width)
+    return max(1, -(-n_genes // n_chunks))
+
+
+def per_gene_inputs(adata: AnnData, genes: np.ndarray, mu: np.ndarray, ms: np.ndarray):
+    """Per-gene parameters, times and fitting cells of ``genes`` from a per-gene fit.
+
+    Returns
+    -------
+    ``(params, t_gene, fit_weights)`` as :func:`velofit.core.shared_time.align_gene_fit`
+    takes them: ``(5, n)`` ``alpha, beta (scaled units), gamma, t_, scaling`` on the aligned
+    clock of ``layers["fit_t"]``, ``(n_obs, n)`` times and boolean weights.
+    """
+    var = adata.var.iloc[genes]
+    col = lambda key: var[key].to_numpy(dtype=np.float64)  # noqa: E731
+    params = np.stack(
+        [col("fit_alpha"), col("fit_beta") * col("fit_scaling"), col("fit_gamma"), col("fit_t_"), col("fit_scaling")]
+    )
+    t_gene = np.asarray(adata.layers["fit_t"][:, genes], np.float64)
+    weights = gene_statistics(mu, ms).weights > 0
+    return params, t_gene, weights
+
+
+def stored_shared_fit(adata: AnnData) -> dict | None:
+    """The shared fit stored by ``recover_dynamics_shared``, if it still matches ``var``."""
+    shared = adata.uns.get("velofit", {}).get("shared_fit")
+    if shared is None:
+        return None
+    names = np.asarray(shared["genes"]).astype(str)
+    if not np.all(np.isin(names, adata.var_names)) or "fit_alpha" not in adata.var.columns:
+        return None
+    current = adata.var.loc[names, "fit_alpha"].to_numpy(dtype=np.float64)
+    stored = np.asarray(shared["fit_alpha"], np.float64)
+    return shared if np.allclose(current, stored, rtol=1e-10, equal_nan=True) else None
+
+
+def _posterior_of_shared_fit(adata: AnnData, shared: dict, layers: tuple[str, str]):
+    genes = adata.var_names.get_indexer(np.asarray(shared["genes"]).astype(str))
+    mu, ms = (dense_layer(adata, layers[k], genes) for k in (1, 0))
+    grid = np.asarray(shared["time_grid"], np.float64)
+    n = genes.size
+    with jax.enable_x64(True):
+        data = st.prepare_data(mu, ms, std_u=shared["std_u"], std_s=shared["std_s"], chunk_size=chunk_width(*mu.shape))
+        pad = data.std_u.shape[0] - n
+
+        def padded(a, fill=None):
+            a = np.asarray(a, np.float64)
+            extra = np.repeat(a[..., :1], pad, axis=-1) if fill is None else np.full(a.shape[:-1] + (pad,), fill)
+            return jnp.asarray(np.concatenate([a, extra], axis=-1))
+
+        theta, var_u, var_s = padded(shared["theta"]), padded(shared["var_u"], 1.0), padded(shared["var_s"], 1.0)
+        log_pi = np.log(np.asarray(shared["prior"], np.float64))
+        noise = adata.obs["velofit_cell_noise"].to_numpy(np.float64) if "velofit_cell_noise" in adata.obs else np.ones(adata.n_obs)
+        jgrid = jnp.asarray(grid)
+        q, _, _ = se.e_step_jit(theta, var_u, var_s, jnp.asarray(log_pi), jnp.asarray(noise), data, jgrid, False)
+        q = np.asarray(q)
+        if shared["em"] == "hard":
+            clock = np.asarray(st.shared_times_jit(theta, var_u, var_s, data, jgrid)[0])
+        else:
+            clock = q @ grid
+    return q, grid, log_pi, np.asarray(shared["loglik"]), clock, n
+
+
+def _fitted_genes(adata: AnnData) -> np.ndarray:
+    missing = [k for k in _FIT_COLUMNS if k not in adata.var.columns]
+    if missing or "fit_t" not in adata.layers:
+        raise VelofitKeyError(
+            f"no fitted dynamics found (missing {missing or ['layers/fit_t']}); "
+            "run velofit.tl.recover_dynamics(adata) first"
+        )
+    genes = np.flatnonzero(np.asarray(adata.var["fit_status"] == "ok"))
+    if genes.size == 0:
+        raise VelofitInputError("no gene was fitted successfully (var['fit_status']); latent time needs fitted genes")
+    return genes
+
+
+def _layers(adata: AnnData, spliced_layer: str | None, unspliced_layer: str | None) -> tuple[str, str]:
+    params = adata.uns.get("recover_dynamics", {})
+    spliced = spliced_layer if spliced_layer is not None else params.get("spliced_layer", "Ms")
+    unspliced = unspliced_layer if unspliced_layer is not None else params.get("unspliced_layer", "Mu")
+    return check_key("spliced_layer", spliced), check_key("unspliced_layer", unspliced)

@@ -1,0 +1,169 @@
+"""Soft EM over a time grid on the shared clock (MODEL.md sections 3 and 5).
+
+Every test uses data of one shape (``N_OBS x N_VARS``, ``N_GRID`` grid points) so that the
+jitted kernels compile once for the whole file (and for ``test_latent_time.py``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import beta as beta_dist
+from scipy.stats import spearmanr
+
+import velofit as vf
+from velofit.core import shared_time as st
+from velofit.core import soft_em as se
+
+N_OBS, N_VARS, N_GRID = 300, 20, 100
+T_MAX = 20.0
+
+
+def simulate(seed: int, time_density: str = "uniform", noise: float = 0.2):
+    return vf.datasets.simulate(N_OBS, N_VARS, seed=seed, noise=noise, time_density=time_density, t_max=T_MAX)
+
+
+def true_theta(adata) -> np.ndarray:
+    """The simulator's parameters on the shared clock ``t = true_t / t_max`` (onsets 0)."""
+    v = adata.var
+    zeros = np.zeros(adata.n_vars)
+    return np.stack([
+        np.log(v["true_alpha"] * T_MAX), np.log(v["true_beta"] * T_MAX), np.log(v["true_gamma"] * T_MAX),
+        np.log(v["true_t_"] / T_MAX), zeros, zeros,
+    ])
+
+
+def perturbed_start(adata, seed: int, scale: float = 0.15):
+    """Data, grid and a start near (not at) the truth: log-rates and onsets perturbed."""
+    rng = np.random.default_rng(seed)
+    data = st.prepare_data(adata.layers["Mu"], adata.layers["Ms"])
+    theta = true_theta(adata) + scale * rng.standard_normal((6, adata.n_vars)) * np.array([1, 1, 1, 1, 0, 0.2])[:, None]
+    theta = jnp.asarray(theta)
+    grid = jnp.linspace(0.0, 1.0, N_GRID)
+    var_u, var_s = st.residual_variances_jit(theta, jnp.asarray(adata.obs["true_t"].to_numpy() / T_MAX), data)
+    return data, grid, theta, var_u, var_s
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("variant", ["learned", "uniform", "hard"])
+def test_loglik_never_decreases(seed, variant):
+    adata = simulate(seed, time_density="early" if seed == 2 else "uniform")
+    data, grid, theta, var_u, var_s = perturbed_start(adata, seed)
+    config = se.SoftEMConfig(
+        max_iter=15, tol=0.0, prior="uniform" if variant == "uniform" else "learned", hard=variant == "hard"
+    )
+    _, trace = se.run(data, grid, theta, var_u, var_s, config)
+    assert np.all(np.isfinite(trace))
+    steps = np.diff(trace)
+    assert np.all(steps >= -1e-9 * np.abs(trace[1:])), steps.min()
+    assert trace[-1] > trace[0]
+
+
+def test_step_is_run():
+    adata = simulate(3)
+    data, grid, theta, var_u, var_s = perturbed_start(adata, 3)
+    config = se.SoftEMConfig(max_iter=3, tol=0.0)
+    state = se.init(data, grid, theta, var_u, var_s, config)
+    lls = [float(state.loglik)]
+    for _ in range(3):
+        state = se.step(state, data, grid, config)
+        lls.append(float(state.loglik))
+    ran, trace = se.run(data, grid, theta, var_u, var_s, config)
+    np.testing.assert_allclose(trace, lls, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(ran.theta), np.asarray(state.theta), rtol=1e-12)
+
+
+def test_grid_distances_equal_direct_sum_and_do_not_depend_on_chunks():
+    adata = simulate(4)
+    mu, ms = adata.layers["Mu"], adata.layers["Ms"]
+    theta = jnp.asarray(true_theta(adata))
+    grid = jnp.linspace(0.0, 1.0, N_GRID)
+    rng = np.random.default_rng(4)
+    var_u, var_s = jnp.asarray(rng.uniform(0.1, 1, N_VARS)), jnp.asarray(rng.uniform(0.1, 1, N_VARS))
+    whole = st.prepare_data(mu, ms)
+    dist, _ = jax.jit(st.grid_distances)(theta, var_u, var_s, whole, grid)
+    m_u, m_s = (np.asarray(m) for m in jax.jit(st.predict)(theta, grid[:, None], whole.std_u, whole.std_s))
+    xu, xs = mu / np.asarray(whole.std_u), ms / np.asarray(whole.std_s)
+    direct = np.zeros((N_OBS, N_GRID))
+    for g in range(N_VARS):  # the cells x grid x genes sum, one gene at a time
+        direct += (xu[:, g, None] - m_u[None, :, g]) ** 2 / var_u[g] + (xs[:, g, None] - m_s[None, :, g]) ** 2 / var_s[g]
+    np.testing.assert_allclose(np.asarray(dist), direct, rtol=1e-9, atol=1e-8)
+    chunked = st.prepare_data(mu, ms, chunk_size=7)  # 3 chunks, 1 padding gene
+    pad = lambda a, fill: jnp.concatenate([a, jnp.full(a.shape[:-1] + (1,), fill)], axis=-1)  # noqa: E731
+    dist_c, _ = jax.jit(st.grid_distances)(pad(theta, 0.0), pad(var_u, 1.0), pad(var_s, 1.0), chunked, grid)
+    np.testing.assert_allclose(np.asarray(dist_c), np.asarray(dist), rtol=1e-11, atol=1e-9)
+
+
+def test_learned_prior_does_not_collapse_on_uniform_time():
+    adata = simulate(5, time_density="uniform")
+    data, grid, theta, var_u, var_s = perturbed_start(adata, 5)
+    state, _ = se.run(data, grid, theta, var_u, var_s, se.SoftEMConfig(max_iter=40, tol=0.0))
+    pi = np.exp(np.asarray(state.log_pi))
+    assert pi.max() < 5.0 / N_GRID
+    entropy = -np.sum(pi * np.log(pi))
+    assert entropy > 0.95 * np.log(N_GRID)
+
+
+def test_learned_prior_tracks_a_skewed_density_and_keeps_time_accuracy():
+    adata = simulate(6, time_density="early")  # Beta(1, 3): 70% of cells in the first third
+    true_t = adata.obs["true_t"].to_numpy() / T_MAX
+    data, grid, theta, var_u, var_s = perturbed_start(adata, 6)
+    fits = {}
+    for prior in ("learned", "uniform"):
+        config = se.SoftEMConfig(max_iter=40, tol=0.0, prior=prior)
+        fits[prior] = se.run(data, grid, theta, var_u, var_s, config)[0]
+    g = np.asarray(grid)
+    truth = beta_dist(1, 3).pdf(np.clip(g, 1e-6, 1 - 1e-6))
+    truth /= truth.sum()
+    error = {k: np.abs(np.exp(np.asarray(s.log_pi)) - truth).sum() for k, s in fits.items()}
+    assert error["learned"] < 0.5 * error["uniform"], error
+    learned = np.exp(np.asarray(fits["learned"].log_pi))
+    assert learned[g < 1 / 3].sum() > 0.55
+    rho = {k: spearmanr(np.asarray(se.posterior_moments(s.q, grid)[0]), true_t)[0] for k, s in fits.items()}
+    assert rho["learned"] >= rho["uniform"] - 2e-3, rho
+
+
+def test_shared_time_beats_every_per_gene_time():
+    adata = simulate(7, noise=0.3)
+    true_t = adata.obs["true_t"].to_numpy()
+    data = st.prepare_data(adata.layers["Mu"], adata.layers["Ms"])
+    theta = jnp.asarray(true_theta(adata))
+    grid = jnp.linspace(0.0, 1.0, N_GRID)
+    var_u, var_s = st.residual_variances_jit(theta, jnp.asarray(true_t / T_MAX), data)
+    shared, _ = st.shared_times_jit(theta, var_u, var_s, data, grid)
+    # per-gene exact time with the same (true) parameters: each gene's nearest point on a
+    # fine grid of its own curve
+    fine = jnp.linspace(0.0, 1.0, 1001)
+    m_u, m_s = (np.asarray(m) for m in jax.jit(st.predict)(theta, fine[:, None], data.std_u, data.std_s))
+    xu, xs = np.asarray(data.xu[0]), np.asarray(data.xs[0])
+    rho_genes = []
+    for g in range(N_VARS):
+        d = (xu[:, g, None] - m_u[None, :, g]) ** 2 + (xs[:, g, None] - m_s[None, :, g]) ** 2
+        rho_genes.append(spearmanr(np.asarray(fine)[np.argmin(d, axis=1)], true_t)[0])
+    rho_shared = spearmanr(np.asarray(shared), true_t)[0]
+    assert rho_shared > max(rho_genes) + 0.01, (rho_shared, max(rho_genes))
+    assert rho_shared > 0.98
+    # the soft-EM posterior mean from a perturbed start is as good
+    data, grid, theta0, var_u0, var_s0 = perturbed_start(adata, 7)
+    state, _ = se.run(data, grid, theta0, var_u0, var_s0, se.SoftEMConfig(max_iter=30, tol=0.0))
+    rho_soft = spearmanr(np.asarray(se.posterior_moments(state.q, grid)[0]), true_t)[0]
+    assert rho_soft > max(rho_genes) + 0.01
+
+
+def test_align_gene_fit_recovers_clock_from_per_gene_clocks():
+    adata = simulate(8)
+    true_t = adata.obs["true_t"].to_numpy()
+    rng = np.random.default_rng(8)
+    v = adata.var
+    speed = np.exp(rng.uniform(-0.7, 0.7, N_VARS))  # each gene's own time unit
+    params = np.stack([v["true_alpha"] / speed, v["true_beta"] / speed, v["true_gamma"] / speed,
+                       v["true_t_"] * speed, v["true_scaling"]])
+    t_gene = true_t[:, None] * speed[None, :] * np.exp(0.2 * rng.standard_normal((N_OBS, N_VARS)))
+    data = st.prepare_data(adata.layers["Mu"], adata.layers["Ms"])
+    grid = jnp.linspace(0.0, 1.0, N_GRID)
+    theta, _, _, tau = st.align_gene_fit(data, grid, params, t_gene, np.ones((N_OBS, N_VARS), bool))
+    assert spearmanr(tau, true_t)[0] > 0.98
+    speed_fit = np.exp(np.asarray(theta)[1]) / np.asarray(v["true_beta"])  # beta_clock / beta_true ~ t_max
+    assert np.median(np.abs(np.log(speed_fit / T_MAX))) < np.log(1.5)
