@@ -113,7 +113,7 @@ def test_fit_beats_initial_loss_and_is_near_noise_floor():
     # with noise sd = 5% of each species' sd, the loss per fitted cell is about
     # 2 * 0.05^2 (less the component along the curve, which the time absorbs)
     per_cell = fit.loss / fit.n_cells
-    assert np.all(per_cell < 4 * 2 * NOISE**2), per_cell
+    assert np.all(per_cell < 2 * 2 * NOISE**2), per_cell
 
 
 def test_loss_trace_non_increasing():
@@ -170,6 +170,11 @@ def test_chunked_fit_matches_one_gene_at_a_time():
     decisions (LM accept/reject with its x0.3/x10 damping update, keep-the-better-time,
     nearer phase) can amplify that over the iterations. Any real coupling between genes
     would show up as an O(1) difference already in the first iterations.
+
+    (A cell near the switch point, where the induction grid point at t_ ties with the
+    repression grid point at 0, is refined in one phase only by ``exact_times``: which one
+    depends on the last bit, and the cell then ends at t_ or at its true time, so one gene's
+    loss differs by ~1%. Refining both phases removes that.)
     """
     alone, both = one_gene_per_chunk_fit(), base_fit()
     np.testing.assert_array_equal(alone.status, both.status)
@@ -185,8 +190,8 @@ def test_chunked_fit_matches_one_gene_at_a_time():
 
 
 @pytest.mark.xfail(
-    reason="chunk-width-dependent rounding (width 1 vs wider kernels) is amplified by the hard "
-    "EM's discrete decisions to ~1e-3; padding chunks to >= 2 genes brings it to ~1e-5",
+    reason="chunk-width-dependent rounding is amplified by the hard EM's discrete decisions "
+    "(accept/reject, phase, keep-the-better-time): ~1e-5 relative in a few genes",
     strict=False,
 )
 def test_chunked_fit_equals_one_gene_at_a_time_to_rounding():
@@ -234,7 +239,11 @@ def test_degenerate_genes_flagged_and_others_unaffected():
     base = base_fit()
     for name in ("alpha", "beta", "gamma", "t_", "scaling", "loss", "t"):
         np.testing.assert_allclose(
-            getattr(fit, name)[..., others], getattr(base, name)[..., others], rtol=1e-9, atol=1e-12, err_msg=name
+            getattr(fit, name)[..., others],
+            getattr(base, name)[..., others],
+            rtol=1e-9,
+            atol=1e-12,
+            err_msg=name,
         )
 
 
@@ -275,8 +284,14 @@ def test_exact_throughout_and_max_iter():
     p = KineticParams(*(jnp.asarray(getattr(fit, k)) for k in ("alpha", "beta", "gamma", "t_", "scaling")))
     std_u, std_s = fit.std_u / fit.scaling, fit.std_s
     _, d_exact = jax.jit(exact_times, static_argnames=("n_grid", "n_newton"))(
-        jnp.asarray(mu / fit.scaling), jnp.asarray(ms), p, repression_length(p), jnp.asarray(std_u),
-        jnp.asarray(std_s), n_grid=config.n_grid, n_newton=config.n_newton,
+        jnp.asarray(mu / fit.scaling),
+        jnp.asarray(ms),
+        p,
+        repression_length(p),
+        jnp.asarray(std_u),
+        jnp.asarray(std_s),
+        n_grid=config.n_grid,
+        n_newton=config.n_newton,
     )
     cu, cs = (np.asarray(x) for x in _traj(jnp.asarray(fit.t), p))
     d_fit = ((mu / fit.scaling - cu) / std_u) ** 2 + ((ms - cs) / std_s) ** 2

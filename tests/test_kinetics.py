@@ -60,6 +60,7 @@ def _traj_jvp(t, p):
     """``trajectory`` and its derivative in ``t`` by forward mode."""
     return jax.jvp(lambda x: trajectory(x, p), (t,), (jnp.ones_like(t),))
 
+
 RATE = st.floats(1e-3, 1e2, allow_nan=False, allow_infinity=False)
 TAU = st.floats(0.0, 50.0, allow_nan=False, allow_infinity=False)
 HYPO = settings(max_examples=40, deadline=None)
@@ -191,7 +192,7 @@ def test_repression_tail_keeps_relative_accuracy():
     beta, gamma, u0, s0 = 1.0, 0.5, 2.0, 3.0
     u, s = _np(*_state(tau, u0, s0, 0.0, beta, gamma))
     ref = [_decimal_state(t, u0, s0, 0.0, beta, gamma) for t in np.asarray(tau)]
-    ref_u, ref_s = (np.array(x) for x in zip(*ref))
+    ref_u, ref_s = (np.array(x) for x in zip(*ref, strict=True))
     np.testing.assert_allclose(u, ref_u, rtol=1e-10)
     np.testing.assert_allclose(s, ref_s, rtol=1e-10)
 
@@ -206,7 +207,9 @@ def _check_ode_identity(tau, u0, s0, alpha_k, beta, gamma, rtol=1e-9):
     (u, s), (du, ds) = _state_jvp(tau, u0, s0, alpha_k, beta, gamma)
     u, s, du, ds = _np(u, s, du, ds)
     # scale of the right-hand side: its terms' sizes along the phase
-    scale = np.abs(alpha_k) + beta * np.maximum(np.abs(u), np.abs(u0)) + gamma * np.maximum(np.abs(s), np.abs(s0))
+    scale = (
+        np.abs(alpha_k) + beta * np.maximum(np.abs(u), np.abs(u0)) + gamma * np.maximum(np.abs(s), np.abs(s0))
+    )
     err_u = np.abs(du - (alpha_k - beta * u))
     err_s = np.abs(ds - (beta * u - gamma * s))
     assert np.all(err_u <= rtol * scale), np.max(err_u / scale)
@@ -228,7 +231,12 @@ def test_ode_identity_jacfwd_matches_velocity_scalar():
     """jacfwd of a scalar evaluation, near the series/direct branch boundaries of the ratio."""
     beta = 0.7
     for gamma in [beta, beta + 1e-11, beta + 2e-10, beta + 0.3, beta + 0.9]:
-        for tau in [0.5 / abs(gamma - beta + 1e-300) * 0.999, 0.5 / abs(gamma - beta + 1e-300) * 1.001, 0.1, 3.0]:
+        for tau in [
+            0.5 / abs(gamma - beta + 1e-300) * 0.999,
+            0.5 / abs(gamma - beta + 1e-300) * 1.001,
+            0.1,
+            3.0,
+        ]:
             tau = min(tau, 40.0)
             deriv = np.asarray(_jac_tau(jnp.float64(tau), beta, gamma))
             u, s = (float(x) for x in _state(jnp.float64(tau), 0.4, 0.2, 1.3, beta, gamma))
@@ -236,7 +244,15 @@ def test_ode_identity_jacfwd_matches_velocity_scalar():
 
 
 @HYPO
-@given(alpha=RATE, beta=RATE, gamma=RATE, tau=TAU, equal=st.booleans(), u0=st.floats(0, 1e3), s0=st.floats(0, 1e3))
+@given(
+    alpha=RATE,
+    beta=RATE,
+    gamma=RATE,
+    tau=TAU,
+    equal=st.booleans(),
+    u0=st.floats(0, 1e3),
+    s0=st.floats(0, 1e3),
+)
 def test_ode_identity_property(alpha, beta, gamma, tau, equal, u0, s0):
     if equal:
         gamma = beta
@@ -282,7 +298,7 @@ def test_gradients_finite_and_correct_at_gamma_equal_beta(beta):
         # central differences straddling gamma == beta (step >> any cancellation)
         h = 1e-5 * beta
 
-        def f(b, g):
+        def f(b, g, u0=u0, s0=s0, alpha_k=alpha_k):
             return float(_sum_state_jit(b, g, taus, u0, s0, alpha_k))
 
         fd_g = (f(beta, beta + h) - f(beta, beta - h)) / (2 * h)
@@ -333,7 +349,7 @@ def test_reverse_mode_gradients_finite_when_rates_far_apart(beta, gamma, tau):
     for u0, s0, alpha_k in [(0.0, 0.0, 1.0), (2.0, 3.0, 0.0)]:
         grads = _grad_all(beta, gamma, taus, u0, s0, alpha_k)
         names = ("beta", "gamma", "tau")
-        for name, grad in zip(names, grads):
+        for name, grad in zip(names, grads[:3], strict=True):
             assert np.all(np.isfinite(np.asarray(grad))), (name, grad)
     log_params = jnp.log(jnp.asarray([1.0, beta, gamma, 2.0, 1.0]))
     # (same shape as the test above: one compilation)
@@ -373,7 +389,15 @@ def test_induction_finite_nonnegative_monotone(alpha, beta, gamma, tau, dtau, eq
 
 
 @HYPO
-@given(alpha=RATE, beta=RATE, gamma=RATE, tau=TAU, equal=st.booleans(), u0=st.floats(0, 1e3), s0=st.floats(0, 1e3))
+@given(
+    alpha=RATE,
+    beta=RATE,
+    gamma=RATE,
+    tau=TAU,
+    equal=st.booleans(),
+    u0=st.floats(0, 1e3),
+    s0=st.floats(0, 1e3),
+)
 def test_gradients_finite_property(alpha, beta, gamma, tau, equal, u0, s0):
     if equal:
         gamma = beta
@@ -464,5 +488,5 @@ def test_kinetics_vmap_agrees_with_broadcasting():
     t = jnp.linspace(0.0, 8.0, 33)[:, None] * jnp.ones(3)
     broadcast = _np(*_traj(t, p))
     vmapped = _np(*jax.jit(jax.vmap(trajectory, in_axes=(1, KineticParams(0, 0, 0, 0, 0)), out_axes=1))(t, p))
-    for a, b in zip(broadcast, vmapped):
+    for a, b in zip(broadcast, vmapped, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-300)

@@ -78,12 +78,16 @@ def test_residuals_definition():
     p = params_from_log(theta)
     u, s = (np.asarray(x) for x in _traj(t, p))
     mu, ms = np.asarray(data.mu), np.asarray(data.ms)
-    np.testing.assert_allclose(ru, (np.asarray(p.scaling) * u - mu) / np.asarray(data.std_u), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        ru, (np.asarray(p.scaling) * u - mu) / np.asarray(data.std_u), rtol=1e-12, atol=1e-12
+    )
     np.testing.assert_allclose(rs, (s - ms) / np.asarray(data.std_s), rtol=1e-12, atol=1e-12)
     w = np.asarray(data.weights).copy()
     w[::3] = 0.0
     data_w = data._replace(weights=jnp.asarray(w))
-    np.testing.assert_allclose(np.asarray(_loss(theta, t, data_w)), np.sum(w * (ru**2 + rs**2), axis=0), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(_loss(theta, t, data_w)), np.sum(w * (ru**2 + rs**2), axis=0), rtol=1e-12
+    )
 
 
 def test_zero_loss_at_truth_on_noise_free_data():
@@ -156,7 +160,9 @@ def test_levenberg_marquardt_genes_are_independent():
     mu, ms = np.asarray(data.mu).copy(), np.asarray(data.ms).copy()
     mu[:, 1:] = rng.permutation(mu[:, 1:]) * 3.0
     ms[:, 1:] = rng.uniform(0, 1, ms[:, 1:].shape)
-    other = make_data(mu, ms, np.asarray(data.weights), np.asarray(data.std_u) * [1, 2, 3, 4], np.asarray(data.std_s))
+    other = make_data(
+        mu, ms, np.asarray(data.weights), np.asarray(data.std_u) * [1, 2, 3, 4], np.asarray(data.std_s)
+    )
     theta1 = theta0.at[:, 1:].add(-0.5)
     loss1 = _loss(theta1, t, other)
     got = [np.asarray(x) for x in _lm_jit(theta1, damping0.at[1:].set(5.0), loss1, t, other, n_steps=4)]

@@ -29,6 +29,8 @@ def _explicit(*args):
     """Times of :func:`explicit_times` (which may also return per-cell distances)."""
     out = _explicit_jit(*args)
     return out[0] if isinstance(out, tuple) else out
+
+
 _exact = jax.jit(exact_times, static_argnames=("n_grid", "n_newton"))
 _grid = jax.jit(grid_search_phase, static_argnames=("n_grid",))
 _refine = jax.jit(refine_newton, static_argnames=("n_newton",))
@@ -145,6 +147,9 @@ def test_explicit_times_noise_free_both_phases():
     std = jnp.ones(t.shape[1])
     got = np.asarray(_explicit(u, s, params, jnp.asarray(tau_max), std, std))
     np.testing.assert_allclose(got, t, rtol=1e-6)
+    out = _explicit_jit(u, s, params, jnp.asarray(tau_max), std, std)
+    if isinstance(out, tuple):  # the distance to the reconstructed point is ~0 as well
+        assert float(jnp.max(out[1])) < 1e-16
 
 
 def test_explicit_times_batched_equals_per_gene():
@@ -159,8 +164,14 @@ def test_explicit_times_batched_equals_per_gene():
     for g in range(t.shape[1]):
         pg = KineticParams(*(x[g : g + 1] for x in params))
         one = np.asarray(
-            _explicit(jnp.asarray(u[:, g : g + 1]), jnp.asarray(s[:, g : g + 1]), pg, tau_max[g : g + 1],
-                      std_u[g : g + 1], std_s[g : g + 1])
+            _explicit(
+                jnp.asarray(u[:, g : g + 1]),
+                jnp.asarray(s[:, g : g + 1]),
+                pg,
+                tau_max[g : g + 1],
+                std_u[g : g + 1],
+                std_s[g : g + 1],
+            )
         )
         np.testing.assert_allclose(batched[:, g : g + 1], one, rtol=1e-12, atol=1e-12)
 
@@ -248,10 +259,14 @@ def test_exact_times_distance_not_worse_than_best_grid_point():
     std_u, std_s = jnp.std(u, axis=0), jnp.std(s, axis=0)
     tau_max = jnp.asarray(tau_max)
     n_grid = 32
-    t_exact, d_exact = (np.asarray(x) for x in _exact(u, s, params, tau_max, std_u, std_s, n_grid=n_grid, n_newton=6))
+    t_exact, d_exact = (
+        np.asarray(x) for x in _exact(u, s, params, tau_max, std_u, std_s, n_grid=n_grid, n_newton=6)
+    )
     zero = jnp.zeros_like(params.alpha)
     u_, s_ = _switch(params)
-    _, d_on = _grid(u, s, zero, zero, params.alpha, params.beta, params.gamma, params.t_, std_u, std_s, n_grid)
+    _, d_on = _grid(
+        u, s, zero, zero, params.alpha, params.beta, params.gamma, params.t_, std_u, std_s, n_grid
+    )
     _, d_off = _grid(u, s, u_, s_, zero, params.beta, params.gamma, tau_max, std_u, std_s, n_grid)
     best_grid = np.minimum(np.asarray(d_on), np.asarray(d_off))
     assert np.all(d_exact <= best_grid * (1 + 1e-12) + 1e-300)
@@ -261,7 +276,9 @@ def test_exact_times_distance_not_worse_than_best_grid_point():
     params_np = [np.asarray(x) for x in params]
     t_np = np.asarray(t_exact)
     cu, cs = (np.asarray(x) for x in _traj(jnp.asarray(t_np), params))
-    recomputed = ((np.asarray(u) - cu) / np.asarray(std_u)) ** 2 + ((np.asarray(s) - cs) / np.asarray(std_s)) ** 2
+    recomputed = ((np.asarray(u) - cu) / np.asarray(std_u)) ** 2 + (
+        (np.asarray(s) - cs) / np.asarray(std_s)
+    ) ** 2
     np.testing.assert_allclose(d_exact, recomputed, rtol=1e-9, atol=1e-14)
     # times lie on the trajectory's span
     assert np.all(t_np >= 0) and np.all(t_np <= params_np[3] + np.asarray(tau_max) + 1e-12)
@@ -275,8 +292,18 @@ def test_exact_times_is_a_local_minimum_in_time():
     u = np.abs(u + 0.05 * u.std(0) * rng.standard_normal(u.shape))
     s = np.abs(s + 0.05 * s.std(0) * rng.standard_normal(s.shape))
     std_u, std_s = u.std(0), s.std(0)
-    t_hat, d_hat = (np.asarray(x) for x in _exact(jnp.asarray(u), jnp.asarray(s), params, jnp.asarray(tau_max),
-                                                  jnp.asarray(std_u), jnp.asarray(std_s), n_newton=6))
+    t_hat, d_hat = (
+        np.asarray(x)
+        for x in _exact(
+            jnp.asarray(u),
+            jnp.asarray(s),
+            params,
+            jnp.asarray(tau_max),
+            jnp.asarray(std_u),
+            jnp.asarray(std_s),
+            n_newton=6,
+        )
+    )
     span = np.asarray(params.t_) + tau_max
     for h in (1e-4, -1e-4):
         tt = np.clip(t_hat + h * span, 0, span)
@@ -293,18 +320,38 @@ def test_exact_times_batched_equals_per_gene():
     u = np.abs(u + 0.1 * u.std(0) * rng.standard_normal(u.shape))
     s = np.abs(s + 0.1 * s.std(0) * rng.standard_normal(s.shape))
     std_u, std_s = u.std(0), s.std(0)
-    args = lambda sl: (jnp.asarray(u[:, sl]), jnp.asarray(s[:, sl]), KineticParams(*(x[sl] for x in params)),
-                       jnp.asarray(tau_max[sl]), jnp.asarray(std_u[sl]), jnp.asarray(std_s[sl]))
+
+    def args(sl):
+        return (
+            jnp.asarray(u[:, sl]),
+            jnp.asarray(s[:, sl]),
+            KineticParams(*(x[sl] for x in params)),
+            jnp.asarray(tau_max[sl]),
+            jnp.asarray(std_u[sl]),
+            jnp.asarray(std_s[sl]),
+        )
+
     t_all, d_all = (np.asarray(x) for x in _exact(*args(slice(None)), n_newton=6))
     for g in range(t.shape[1]):
         t_one, d_one = (np.asarray(x) for x in _exact(*args(slice(g, g + 1)), n_newton=6))
         np.testing.assert_allclose(t_all[:, g : g + 1], t_one, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(d_all[:, g : g + 1], d_one, rtol=1e-12, atol=1e-300)
     # vmapped over genes: the same again
-    vm = jax.jit(jax.vmap(lambda uu, ss, p, tm, su, ssd: exact_times(uu[:, None], ss[:, None],
-                                                                     KineticParams(*(x[None] for x in p)),
-                                                                     tm[None], su[None], ssd[None], n_newton=6)[0][:, 0],
-                          in_axes=(1, 1, KineticParams(0, 0, 0, 0, 0), 0, 0, 0), out_axes=1))
+    vm = jax.jit(
+        jax.vmap(
+            lambda uu, ss, p, tm, su, ssd: exact_times(
+                uu[:, None],
+                ss[:, None],
+                KineticParams(*(x[None] for x in p)),
+                tm[None],
+                su[None],
+                ssd[None],
+                n_newton=6,
+            )[0][:, 0],
+            in_axes=(1, 1, KineticParams(0, 0, 0, 0, 0), 0, 0, 0),
+            out_axes=1,
+        )
+    )
     t_vm = np.asarray(vm(*args(slice(None))))
     np.testing.assert_allclose(t_all, t_vm, rtol=1e-12, atol=1e-12)
 
@@ -344,8 +391,15 @@ def test_refine_newton_never_increases_distance(alpha, beta, gamma, phase_on, se
     std_u, std_s = np.array([scale_u]), np.array([scale_s])
     args = (jnp.asarray(u), jnp.asarray(s), u0, s0, ak, beta, gamma)
     d0 = np.asarray(_dist(jnp.asarray(tau0), *args, jnp.asarray(std_u), jnp.asarray(std_s)))
-    tau1, d1 = _refine(jnp.asarray(tau0), *args, length, radius_frac * length, jnp.asarray(std_u),
-                       jnp.asarray(std_s), n_newton=4)
+    tau1, d1 = _refine(
+        jnp.asarray(tau0),
+        *args,
+        length,
+        radius_frac * length,
+        jnp.asarray(std_u),
+        jnp.asarray(std_s),
+        n_newton=4,
+    )
     tau1, d1 = np.asarray(tau1), np.asarray(d1)
     assert np.all(np.isfinite(tau1)) and np.all(np.isfinite(d1))
     assert np.all((tau1 >= 0) & (tau1 <= length))

@@ -125,11 +125,12 @@ def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u
     return tau, dist
 
 
-def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n_newton=2):
+def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n_newton=4):
     """Assign each cell the absolute time of its nearest point on the whole trajectory.
 
-    Both phases are grid-searched; the refinement then runs in the phase whose best grid
-    point is nearer.
+    Both phases are grid-searched and refined; the nearer refined point wins. (Refining only
+    the phase with the nearer grid point fails just after the switch, where the end of
+    induction and the start of repression are the same point.)
 
     Parameters
     ----------
@@ -152,22 +153,13 @@ def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n
     zero = jnp.zeros_like(alpha)
     u_, s_ = switch_state(params)
     scales = (std_u, std_s)
-    tau_on, d_on = grid_search_phase(u, s, zero, zero, alpha, beta, gamma, t_, *scales, n_grid)
-    tau_off, d_off = grid_search_phase(u, s, u_, s_, zero, beta, gamma, tau_max, *scales, n_grid)
+
+    def nearest_in_phase(u0, s0, alpha_k, length):
+        tau, _ = grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid)
+        radius = length / (n_grid - 1)
+        return refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, *scales, n_newton)
+
+    tau_on, d_on = nearest_in_phase(zero, zero, alpha, t_)
+    tau_off, d_off = nearest_in_phase(u_, s_, zero, tau_max)
     on = d_on <= d_off
-    length = jnp.where(on, t_, tau_max)
-    tau, dist = refine_newton(
-        jnp.where(on, tau_on, tau_off),
-        u,
-        s,
-        jnp.where(on, 0.0, u_),
-        jnp.where(on, 0.0, s_),
-        jnp.where(on, alpha, 0.0),
-        beta,
-        gamma,
-        length,
-        length / (n_grid - 1),
-        *scales,
-        n_newton,
-    )
-    return jnp.where(on, tau, t_ + tau), dist
+    return jnp.where(on, tau_on, t_ + tau_off), jnp.where(on, d_on, d_off)

@@ -55,7 +55,7 @@ class EMConfig(NamedTuple):
     n_jacobian_cells: int = 1024
     tol: float = 1e-4
     n_grid: int = 32
-    n_newton: int = 2
+    n_newton: int = 4
 
 
 class EMState(NamedTuple):

@@ -86,7 +86,7 @@ def exp_difference_ratio(tau, beta, gamma):
 def phase_state(tau, u0, s0, alpha_k, beta, gamma):
     """Unspliced and spliced abundance ``(u(tau), s(tau))`` within one phase.
 
-    Shares the exponentials between the two species (three ``expm1`` per point), which is
+    Shares the exponentials between the two species, which is
     what the fitting loops call.
 
     Parameters
@@ -104,9 +104,10 @@ def phase_state(tau, u0, s0, alpha_k, beta, gamma):
     -------
     ``(u, s)`` in the broadcast shape; see :func:`unspliced` and :func:`spliced`.
     """
-    em_b = jnp.expm1(-beta * tau)
-    em_g = jnp.expm1(-gamma * tau)
-    exp_b, exp_g = 1.0 + em_b, 1.0 + em_g
+    # expm1 keeps (alpha/k)(1 - e^{-k tau}) accurate at small tau, exp keeps the decaying
+    # tail accurate to relative precision at large tau: both are needed.
+    em_b, exp_b = jnp.expm1(-beta * tau), jnp.exp(-beta * tau)
+    em_g, exp_g = jnp.expm1(-gamma * tau), jnp.exp(-gamma * tau)
     u = u0 * exp_b - (alpha_k / beta) * em_b
     s = (
         s0 * exp_g
@@ -132,8 +133,7 @@ def unspliced(tau, u0, alpha, beta):
     -------
     ``u0 e^{-beta tau} + (alpha/beta)(1 - e^{-beta tau})`` in the broadcast shape.
     """
-    em_b = jnp.expm1(-beta * tau)
-    return u0 * (1.0 + em_b) - (alpha / beta) * em_b
+    return u0 * jnp.exp(-beta * tau) - (alpha / beta) * jnp.expm1(-beta * tau)
 
 
 def spliced(tau, u0, s0, alpha, beta, gamma):

@@ -76,6 +76,11 @@ class SoftEMConfig(NamedTuple):
         speed and onset, keeping the kinetic shape of the initial parameters.
     min_var
         Smallest residual variance (standardised units).
+    anneal_steps, anneal_start
+        Deterministic annealing before the recorded iterations: ``anneal_steps`` soft
+        iterations whose posterior is ``q ~ pi p^b`` with ``b`` rising geometrically from
+        ``anneal_start`` to 1 (broad posteriors let cells cross low-likelihood gaps that the
+        sharp posterior of many genes cannot); the log-likelihood trace starts after them.
     """
 
     max_iter: int = 50
@@ -88,6 +93,8 @@ class SoftEMConfig(NamedTuple):
     cell_noise: bool = True
     mode: str = "full"
     min_var: float = 1e-6
+    anneal_steps: int = 0
+    anneal_start: float = 1e-3
 
 
 class _Settings(NamedTuple):
@@ -101,6 +108,7 @@ class _Settings(NamedTuple):
     pseudocount: jnp.ndarray
     tol: jnp.ndarray
     min_var: jnp.ndarray
+    temper: jnp.ndarray
 
 
 def _settings(config: SoftEMConfig, grid) -> _Settings:
@@ -119,6 +127,7 @@ def _settings(config: SoftEMConfig, grid) -> _Settings:
         pseudocount=jnp.asarray(config.pseudocount, dtype),
         tol=jnp.asarray(config.tol, dtype),
         min_var=jnp.asarray(config.min_var, dtype),
+        temper=jnp.asarray(1.0, dtype),
     )
 
 
@@ -170,7 +179,7 @@ class GridStatistics(NamedTuple):
     sss: jnp.ndarray
 
 
-def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard: bool = False):
+def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard: bool = False, temper=1.0):
     """Posterior over grid times and the log-likelihood.
 
     Parameters
@@ -183,6 +192,9 @@ def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard
         ``(n_grid,)`` clock times.
     hard
         One-hot posterior at the best grid time (classification likelihood); may be traced.
+    temper
+        Inverse temperature of the posterior, ``q ~ pi p^temper`` (annealing; the returned
+        log-likelihood is always the untempered one).
 
     Returns
     -------
@@ -193,11 +205,11 @@ def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard
     c = cell_scale[:, None]
     log_norm = -0.5 * (data.n_cell * (_LOG_2PI + jnp.log(cell_scale)) + log_det) - data.log_jac
     joint = log_pi[None, :] - dist / (2.0 * c) + log_norm[:, None]
-    soft_cell = jax.nn.logsumexp(joint, axis=1)
-    soft_q = jnp.exp(joint - soft_cell[:, None])
+    tempered = log_pi[None, :] + temper * (joint - log_pi[None, :])
+    soft_q = jax.nn.softmax(tempered, axis=1)
     hard_q = jax.nn.one_hot(jnp.argmax(joint, axis=1), grid.shape[0], dtype=dist.dtype)
     q = jnp.where(hard, hard_q, soft_q)
-    per_cell = jnp.where(hard, jnp.max(joint, axis=1), soft_cell)
+    per_cell = jnp.where(hard, jnp.max(joint, axis=1), jax.nn.logsumexp(joint, axis=1))
     return q, jnp.sum(q * dist, axis=1), jnp.sum(per_cell)
 
 
@@ -401,7 +413,7 @@ def _init(data, grid, theta, var_u, var_s, settings: _Settings, log_pi, cell_sca
         log_pi = jnp.full(n_grid, -jnp.log(n_grid), grid.dtype)
     if cell_scale is None:
         cell_scale = jnp.ones(n_cells, grid.dtype)
-    q, qd, loglik = e_step_jit(theta, var_u, var_s, log_pi, cell_scale, data, grid, settings.hard)
+    q, qd, loglik = e_step_jit(theta, var_u, var_s, log_pi, cell_scale, data, grid, settings.hard, settings.temper)
     damping = jnp.full(theta.shape[1], 1e-2, theta.dtype)
     return SoftEMState(theta, var_u, var_s, log_pi, cell_scale, q, qd, loglik, damping, jnp.int32(0))
 
@@ -451,7 +463,7 @@ def _step(state: SoftEMState, data: SharedData, grid, settings: _Settings, n_lm:
     # Block 4, the prior.
     learned = prior_update(state.log_pi, state.q, settings.kernel, settings.pseudocount)
     log_pi = jnp.where(settings.learn_prior, learned, state.log_pi)
-    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, c, data, grid, settings.hard)
+    q, qd, loglik = e_step(theta, var_u, var_s, log_pi, c, data, grid, settings.hard, settings.temper)
     return SoftEMState(theta, var_u, var_s, log_pi, c, q, qd, loglik, damping, state.n_iter + 1)
 
 
@@ -472,6 +484,14 @@ def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_p
     log-likelihood per iteration (``nan`` after the last).
     """
     settings = _settings(config, grid)
+    if config.anneal_steps > 0:
+        soft = settings._replace(hard=jnp.asarray(False))
+        temper = np.geomspace(config.anneal_start, 1.0, config.anneal_steps + 1)[:-1]
+        state = _init(data, grid, theta, var_u, var_s, soft._replace(temper=jnp.asarray(temper[0])), log_pi, cell_scale)
+        for b in temper[1:]:
+            state = _step_jit(state, data, grid, soft._replace(temper=jnp.asarray(b, grid.dtype)), config.n_lm)
+        state = _step_jit(state, data, grid, soft, config.n_lm)
+        theta, var_u, var_s, log_pi, cell_scale = state.theta, state.var_u, state.var_s, state.log_pi, state.cell_scale
     state = _init(data, grid, theta, var_u, var_s, settings, log_pi, cell_scale)
     trace = np.full(config.max_iter + 1, np.nan)
     trace[0] = float(state.loglik)
