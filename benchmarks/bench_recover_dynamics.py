@@ -1,7 +1,7 @@
 """Benchmark velofit's ``recover_dynamics`` against scVelo's: time, peak memory and accuracy.
 
 Every fit runs in a fresh subprocess (a helper mode of this script), so velofit's first call
-includes JAX's compilation and each tool's peak RSS (``ru_maxrss`` of the child) is its own.
+includes JAX's compilation and each tool's peak RSS (the child's ``VmHWM``) is its own.
 
 * Simulated data (``--sizes``): ``scvelo.datasets.simulation`` with per-gene log-normal rates
   (medians alpha 5, beta 0.5, gamma 0.3, log-sd 0.5), switching at a uniform 0.3-0.9 fraction
@@ -126,8 +126,23 @@ def _slim(adata):
 # --------------------------------------------------------------------------------------------
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(m.group(1)) / 1024.0 if m else None
+
+
 def _peak_rss_mb() -> tuple[float, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    """(this process's peak RSS, the largest reaped child's peak RSS) in MB.
+
+    ``VmHWM`` (reset by ``exec``) is preferred to ``ru_maxrss``: on Linux a process started by
+    ``fork`` + ``exec`` inherits in ``ru_maxrss`` the RSS its parent had at the fork.
+    """
+    own = _proc_status_mb("VmHWM")
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     return own, children
 
@@ -151,7 +166,7 @@ def _worker(args) -> None:
     var_names = None
     if args.var_names_file:
         var_names = [line.strip() for line in Path(args.var_names_file).read_text().splitlines() if line.strip()]
-    rss_before, _ = _peak_rss_mb()
+    rss_before = _proc_status_mb("VmRSS") or float("nan")
     times, cpu_times = [], []
     if args.worker == "velofit":
         work = adata.copy()
@@ -228,7 +243,7 @@ def run_worker(tool: str, data_path: Path, tmp: Path, *, var_names=None, repeat=
         names_file.write_text("\n".join(map(str, var_names)) + "\n")
         cmd += ["--var-names-file", str(names_file)]
     print(f"  running {tool} ({'all genes' if var_names is None else f'{len(var_names)} genes'}) ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{tool} worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
     res = json.loads((tmp / f"{stem}.json").read_text())
@@ -394,7 +409,7 @@ def context_block(args, command: str, load: str, source: str) -> str:
         f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + "\n"
         f"- velofit source (at the start of this dataset): {source}\n"
         f"- command: `{command}`\n"
-        f"- date: {time.strftime('%Y-%m-%d %H:%M')}\n"
+        f"- finished: {time.strftime('%Y-%m-%d %H:%M')}\n"
         f"- 1-min load average before / after this dataset: {load}\n"
     )
 
@@ -405,8 +420,8 @@ NOTES = (
     "measure (see the load average above). *velofit cold* is its first "
     "`recover_dynamics` call there (JAX compilation included, `import` excluded: {imp}); *warm* "
     "is a second call on the same data in the same process. scVelo runs `recover_dynamics(n_jobs={jobs}, "
-    "fit_connected_states=False)`. Peak MB is the worker's `ru_maxrss` (data loading included; "
-    "before the fit: velofit {vb} MB, scVelo {sb} MB). velofit uses every CPU XLA sees; scVelo "
+    "fit_connected_states=False)`. Peak MB is the worker process's peak RSS (`VmHWM`; imports and "
+    "data loading included; RSS just before the fit: velofit {vb} MB, scVelo {sb} MB). velofit uses every CPU XLA sees; scVelo "
     "with n_jobs=1 uses one. *rel. err. gamma/beta*: median over fitted genes of |fit - true| / true "
     "(both tools write beta in observed-unspliced units, directly comparable to the truth). "
     "*Spearman*: median over fitted genes of the per-gene Spearman correlation of `fit_t` with the "
@@ -503,13 +518,17 @@ def bench_pancreas(path: Path, args, tmp: Path) -> tuple[str, str]:
     vf_better = np.nanmean((ll_vf >= ll_sc)[both]) if both.any() else np.nan
 
     rows = [
-        f"| pancreas_739, scVelo's velocity genes | {genes.size} | {_wc(vf, 0)} | {_wc(vf, 1)} "
-        f"| {sc_time_label} | {_ratio(sc, vf, scale)} | {vf.peak_mb:.0f} | {sc.peak_mb:.0f} "
-        f"| {vf_ok.sum()} / {sc_ok.sum()}{' of ' + str(sc_genes.size) if sc_genes.size < genes.size else ''} "
-        f"| — / — | — / — | {_f(np.nanmean(ll_vf[both]))} / {_f(np.nanmean(ll_sc[both]))} |",
-        f"| pancreas_739, all genes (velofit only) | {n_all} | {_wc(vf_all, 0)} | {_wc(vf_all, 1)} "
-        f"| — | — | {vf_all.peak_mb:.0f} | — | {vfa_ok.sum()} / — | — / — | — / — "
-        f"| {_f(np.nanmean(ll_vfa[vfa_ok]))} / — |",
+        (
+            f"| pancreas_739, scVelo's velocity genes | {genes.size} | {_wc(vf, 0)} | {_wc(vf, 1)} "
+            f"| {sc_time_label} | {_ratio(sc, vf, scale)} | {vf.peak_mb:.0f} | {sc.peak_mb:.0f} "
+            f"| {vf_ok.sum()} / {sc_ok.sum()}{' of ' + str(sc_genes.size) if sc_genes.size < genes.size else ''} "
+            f"| — / — | — / — | {_f(np.nanmean(ll_vf[both]))} / {_f(np.nanmean(ll_sc[both]))} |"
+        ),
+        (
+            f"| pancreas_739, all genes (velofit only) | {n_all} | {_wc(vf_all, 0)} | {_wc(vf_all, 1)} "
+            f"| — | — | {vf_all.peak_mb:.0f} | — | {vfa_ok.sum()} / — | — / — | — / — "
+            f"| {_f(np.nanmean(ll_vfa[vfa_ok]))} / — |"
+        ),
     ]
     extra = (
         f"\nOn the {both.sum()} genes fitted by both: Spearman across genes of gamma/beta between the tools "

@@ -13,9 +13,9 @@ Its parameters are the columns of ``theta`` (shape ``(6, n_genes)``), rows
 ``log alpha, log beta, log gamma, log d, log scaling, t0`` (:data:`THETA_ROWS`). This is
 identifiable: a per-gene clock speed ``k_g`` would only rescale ``alpha, beta, gamma`` and
 ``d``, so it is absorbed into them, and a per-gene clock map ``gene time = k_g (t - t0_g)`` of a
-per-gene fit becomes ``alpha k, beta k, gamma k, t_ / k, t0`` (:func:`theta_from_gene_fit`).
+per-gene fit becomes ``alpha k, beta k, gamma k, t_ / k, t0`` (:func:`fit_clock_maps`).
 The shared clock itself is defined up to one affine map common to all genes; velofit fixes it
-at initialisation, where the initial clock spans ``[0, 1]``.
+at initialisation (:func:`align_gene_fit`), where the initial clock spans ``[0, 1]``.
 
 Data are standardised per gene (``x_u = Mu / std_u``, ``x_s = Ms / std_s``) and stored in gene
 chunks of shape ``(n_chunks, n_cells, chunk)`` (padding genes have weight 0), so that every
@@ -271,7 +271,8 @@ def shared_times(theta, var_u, var_s, data: SharedData, grid, n_newton: int = 3)
         c_terms = _time_terms(cand, theta, var_u, var_s, data)
         accept = c_terms[0] < f
         pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
-        return pick(cand, t), tuple(map(pick, c_terms, (f, g, h))), jnp.where(accept | (f == jnp.inf), radius, 0.25 * radius)
+        radius = jnp.where(accept | jnp.isinf(f), radius, 0.25 * radius)
+        return pick(cand, t), tuple(map(pick, c_terms, (f, g, h))), radius
 
     t, (f, _, _), _ = jax.lax.fori_loop(0, n_newton + 1, refine, (t, (inf, zero, zero), radius))
     return t, f
@@ -356,7 +357,7 @@ def _map_fractions(n: int):
     return aa[keep], bb[keep]
 
 
-def fit_clock_maps(shape, span, tau, data: SharedData, n_search: int = 16):
+def fit_clock_maps(shape, span, tau, data: SharedData, n_search: int = 12):
     """Per-gene clock maps ``gene time = k (t - t0)`` by a search over the data's residuals.
 
     The map is searched as the gene times ``a`` at ``t = 0`` and ``b`` at ``t = 1`` (so
@@ -415,7 +416,7 @@ def fit_clock_maps(shape, span, tau, data: SharedData, n_search: int = 16):
 fit_clock_maps_jit = jax.jit(fit_clock_maps, static_argnames=("n_search",))
 
 
-def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds: int = 2, max_cells: int = 2000, seed: int = 0):
+def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds: int = 2, max_cells: int = 1000, seed: int = 0):
     """Map per-gene fits onto one shared clock: the initialisation of the shared-time EM.
 
     The first clock is :func:`initial_clock`; then, ``n_rounds`` times, each gene's clock map

@@ -2,5 +2,6 @@
 
 from ._embedding import latent_time, velocity_embedding_stream
 from ._phase import loss_trace, phase_portrait
+from ._time import loglik, posterior, time_prior
 
-__all__ = ["latent_time", "loss_trace", "phase_portrait", "velocity_embedding_stream"]
+__all__ = ["latent_time", "loglik", "loss_trace", "phase_portrait", "posterior", "time_prior", "velocity_embedding_stream"]

@@ -27,7 +27,10 @@ from ..core.initialize import gene_statistics
 #: Grid points of the shared clock.
 DEFAULT_N_GRID = 200
 #: Soft-EM iterations of ``latent_time`` after a per-gene fit.
-DEFAULT_MAX_ITER = 100
+DEFAULT_MAX_ITER = 50
+#: Annealing iterations before the recorded EM; they start as broad as ~2 genes would make
+#: the posterior (inverse temperature ``2 / n_genes``).
+ANNEAL_STEPS = 10
 #: Memory budget of one gene chunk of the shared-time passes, in bytes.
 _CHUNK_BYTES = 256 * 1024**2
 _FIT_COLUMNS = ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling", "fit_status")
@@ -52,7 +55,8 @@ def latent_time(
     ``gene time = k_g (t - t0_g)`` estimated from the data (each gene's kinetic shape is kept):
     the maps are first searched against a median-of-genes clock, the shared time is found by
     the multi-gene exact time of MODEL.md section 3, and then the maps, the per-gene noise and
-    the time prior are refined by soft EM over a grid (MODEL.md section 5; only the maps move).
+    the time prior are refined by soft EM over a grid (MODEL.md section 5; only the maps move),
+    after a few annealed iterations whose broad posteriors let cells cross gaps.
     After a shared fit (``recover_dynamics(adata, time="shared")``) the stored shared model is
     used as is. The posterior over the grid gives each cell's time (its mean) and spread (its
     standard deviation).
@@ -110,7 +114,7 @@ def latent_time(
         genes = _fitted_genes(out)
         mu, ms = (dense_layer(out, layers[k], genes) for k in (1, 0))
         inputs = per_gene_inputs(out, genes, mu, ms)
-        config = se.SoftEMConfig(mode="align", prior=prior, max_iter=max_iter)
+        config = se.SoftEMConfig(mode="align", prior=prior, max_iter=max_iter, **annealing(genes.size))
         with jax.enable_x64(True):
             data = st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
             grid = jnp.linspace(0.0, 1.0, n_grid)
@@ -222,6 +226,11 @@ def write_latent_time(adata, q, grid, prior, trace, clock, roots, info: dict) ->
         },
     )
     adata.uns["velofit"] = store
+
+
+def annealing(n_genes: int) -> dict:
+    """Annealing settings of :class:`~velofit.core.soft_em.SoftEMConfig` for ``n_genes`` genes."""
+    return {"anneal_steps": ANNEAL_STEPS if n_genes > 2 else 0, "anneal_start": min(1.0, 2.0 / max(n_genes, 1))}
 
 
 def chunk_width(n_cells: int, n_genes: int) -> int:

@@ -9,7 +9,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._validation import check_adata, check_bool, check_fit_options, check_key, dense_layer, resolve_var_names
+from .._validation import VelofitInputError, check_adata, check_bool, check_fit_options, check_key, dense_layer, resolve_var_names
 from ..core.fit import GeneFit, fit_genes
 from ..core.hard_em import EMConfig
 from ..core.initialize import MIN_CELLS
@@ -23,6 +23,9 @@ DEFAULT_MIN_LIKELIHOOD = 0.5
 def recover_dynamics(
     adata: AnnData,
     *,
+    time: str = "gene",
+    em: str = "hard",
+    prior: str = "learned",
     var_names: str | Sequence[str] | np.ndarray | None = None,
     spliced_layer: str = "Ms",
     unspliced_layer: str = "Mu",
@@ -53,6 +56,16 @@ def recover_dynamics(
     ----------
     adata
         Annotated data with spliced and unspliced moments (see :func:`velofit.pp.moments`).
+    time
+        ``"gene"``: every gene its own clock (this function's per-gene EM). ``"shared"``: one
+        clock for all genes, fitted by :func:`velofit.tl.recover_dynamics_shared` after the
+        per-gene fit (``max_iter``, ``n_explicit``, ``tol`` and ``chunk_size`` then apply to
+        that per-gene start only through its defaults).
+    em
+        ``"hard"`` or ``"soft"`` (posterior over a time grid, MODEL.md section 5; needs
+        ``time="shared"``).
+    prior
+        ``"learned"`` or ``"uniform"`` time prior of the shared-time fit.
     var_names
         Genes to fit: ``None``/``"all"`` (default), a boolean ``var`` column name, a list of
         names or a boolean mask.
@@ -95,6 +108,21 @@ def recover_dynamics(
     ``varm["loss"]``: loss per iteration. ``uns["recover_dynamics"]``: the parameters used,
     the summed loss per iteration and the velofit version.
     """
+    if time not in ("gene", "shared"):
+        raise VelofitInputError(f"time must be 'gene' or 'shared', got {time!r}")
+    if em not in ("hard", "soft"):
+        raise VelofitInputError(f"em must be 'hard' or 'soft', got {em!r}")
+    if prior not in ("learned", "uniform"):
+        raise VelofitInputError(f"prior must be 'learned' or 'uniform', got {prior!r}")
+    if time == "shared":
+        from ._shared import recover_dynamics_shared  # imports this module: load on use
+
+        return recover_dynamics_shared(
+            adata, em=em, prior=prior, var_names=var_names, spliced_layer=spliced_layer,
+            unspliced_layer=unspliced_layer, t_max=t_max, seed=seed, progress=progress, copy=copy,
+        )
+    if em == "soft":
+        raise VelofitInputError("em='soft' fits a posterior over one shared clock: pass time='shared' with it")
     adata = check_adata(adata, min_obs=MIN_CELLS, what="recover_dynamics")
     check_fit_options(
         max_iter=max_iter, n_explicit=n_explicit, tol=tol, t_max=t_max, chunk_size=chunk_size, seed=seed

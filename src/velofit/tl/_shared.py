@@ -18,6 +18,7 @@ from ._latent_time import (
     DEFAULT_N_GRID,
     _fitted_genes,
     _layers,
+    annealing,
     chunk_width,
     per_gene_inputs,
     write_latent_time,
@@ -25,7 +26,7 @@ from ._latent_time import (
 from ._recover_dynamics import DEFAULT_MIN_LIKELIHOOD, DEFAULT_T_MAX, recover_dynamics, select_velocity_genes
 
 #: EM iterations of the shared fit.
-DEFAULT_SHARED_MAX_ITER = 150
+DEFAULT_SHARED_MAX_ITER = 100
 
 
 def recover_dynamics_shared(
@@ -50,7 +51,8 @@ def recover_dynamics_shared(
     Every gene keeps its own kinetics (``alpha, beta, gamma``, switch) and gets an onset
     ``t0`` on a shared clock ``t`` in ``[0, 1]`` (see :mod:`velofit.core.shared_time`). The
     per-gene fit of :func:`recover_dynamics` initialises it (its clocks are mapped onto the
-    shared one); then ``em="soft"`` runs the soft EM over a time grid of MODEL.md section 5
+    shared one), a few annealed EM iterations (broad posteriors) follow; then ``em="soft"``
+    runs the soft EM over a time grid of MODEL.md section 5
     (posterior over time per cell, per-gene noise, per-cell noise factor, and a learned or
     uniform time prior), ``em="hard"`` its classification variant (each cell at its best grid
     time, refined by the multi-gene exact time of section 3). The log-likelihood never
@@ -119,7 +121,9 @@ def recover_dynamics_shared(
     genes = _fitted_genes(out)
     mu, ms = (dense_layer(out, layers[k], genes) for k in (1, 0))
     inputs = per_gene_inputs(out, genes, mu, ms)
-    config = se.SoftEMConfig(mode="full", prior=prior, hard=em == "hard", max_iter=max_iter, tol=tol)
+    config = se.SoftEMConfig(
+        mode="full", prior=prior, hard=em == "hard", max_iter=max_iter, tol=tol, **annealing(genes.size)
+    )
     with jax.enable_x64(True):
         data = st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
         grid = jnp.linspace(0.0, 1.0, n_grid)
