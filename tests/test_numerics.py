@@ -89,15 +89,21 @@ def _fit(adata: AnnData) -> AnnData:
     return out
 
 
-def assert_scale_equivariant(ref: AnnData, out: AnnData, factor: float, rtol: float = 1e-9) -> None:
+#: Scaling is exact in the model; floating point is not. Locally the fits agree to ~1e-14, but a
+#: different CPU (other SIMD widths, other libm) rounds the rescaled arithmetic differently and
+#: the EM amplifies that to ~1e-8 after 20 iterations. A scale bug gives O(1) differences.
+SCALE_RTOL = 1e-6
+
+
+def assert_scale_equivariant(ref: AnnData, out: AnnData, factor: float, rtol: float = SCALE_RTOL) -> None:
     assert list(out.var["fit_status"]) == list(ref.var["fit_status"])
     for key in INVARIANT:
         np.testing.assert_allclose(out.var[key], ref.var[key], rtol=rtol, err_msg=key)
     for key in EQUIVARIANT:
         np.testing.assert_allclose(out.var[key] / factor, ref.var[key], rtol=rtol, err_msg=key)
-    np.testing.assert_allclose(out.layers["fit_t"], ref.layers["fit_t"], rtol=rtol, atol=1e-9)
+    np.testing.assert_allclose(out.layers["fit_t"], ref.layers["fit_t"], rtol=rtol, atol=rtol)
     for key in ("velocity", "velocity_u"):
-        np.testing.assert_allclose(out.layers[key] / factor, ref.layers[key], rtol=1e-7, atol=1e-9 * np.nanmax(
+        np.testing.assert_allclose(out.layers[key] / factor, ref.layers[key], rtol=rtol, atol=rtol * np.nanmax(
             np.abs(ref.layers[key])), err_msg=key)
     np.testing.assert_array_equal(out.var["velocity_genes"], ref.var["velocity_genes"])
 
@@ -110,7 +116,7 @@ def continuous():
 
 @pytest.mark.parametrize("factor", [1e-6, 1e6])
 def test_scale_invariance(continuous, factor):
-    """Counts scaled by 1e-6 or 1e6: same times and rescaled rates (measured: ~1e-14 relative)."""
+    """Counts scaled by 1e-6 or 1e6: same times and rescaled rates (measured: ~1e-14 relative here, ~5e-9 on CI)."""
     adata, ref = continuous
     assert list(ref.var["fit_status"]) == [STATUS_OK] * 3
     assert_scale_equivariant(ref, _fit(_scaled(adata, factor)), factor)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .shared_time import ALIGN_DIRECTIONS, FULL_DIRECTIONS, SharedData, grid_distances, predict
+from .shared_time import ALIGN_DIRECTIONS, FULL_DIRECTIONS, SharedData, _time_terms, grid_distances, predict
 
 #: Largest change of each theta row in one LM step (log rates: a factor of e; t0: 0.2).
 _STEP_CAP = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.2])
@@ -513,3 +513,34 @@ def posterior_moments(q, grid):
     mean = q @ grid
     var = q @ (grid * grid) - mean * mean
     return mean, jnp.sqrt(jnp.maximum(var, 0.0))
+
+
+def posterior_spread(state: SoftEMState, data: SharedData, grid):
+    """Posterior mean and spread of every cell's time, not floored by the grid spacing.
+
+    With many genes the posterior is often narrower than one grid step, where its grid
+    standard deviation is 0. The spread is therefore the larger of the grid standard
+    deviation and the Laplace one, ``sqrt(2 c_i / f''(mean))`` with ``f`` the cell's summed
+    weighted squared residual (:func:`~velofit.core.shared_time.shared_times`) where ``f'' > 0``.
+
+    Parameters
+    ----------
+    state
+        A :class:`SoftEMState` (its ``q`` and parameters).
+    data
+        Chunked data.
+    grid
+        ``(n_grid,)`` clock times.
+
+    Returns
+    -------
+    ``(mean, std)``, each ``(n_cells,)``.
+    """
+    mean, std = posterior_moments(state.q, grid)
+    _, _, h = _time_terms(mean, state.theta, state.var_u, state.var_s, data)
+    laplace = jnp.where(h > 0, 2.0 * state.cell_scale / jnp.where(h > 0, h, 1.0), 0.0)
+    return mean, jnp.sqrt(jnp.maximum(std * std, laplace))
+
+
+posterior_spread_jit = jax.jit(posterior_spread)
+

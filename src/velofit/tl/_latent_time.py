@@ -90,8 +90,9 @@ def latent_time(
     -------
     ``None``, or a copy if ``copy=True``. Written:
 
-    ``obs["latent_time"]``: posterior mean time in ``[0, 1]``; ``obs["latent_time_std"]``:
-    posterior standard deviation; ``obs["velofit_cell_noise"]``: the cell's noise factor;
+    ``obs["latent_time"]``: posterior mean time in ``[0, 1]`` (after a hard shared fit: the
+    refined best time); ``obs["latent_time_std"]``: posterior standard deviation (not below
+    the Laplace width where the posterior is narrower than a grid step); ``obs["velofit_cell_noise"]``: the cell's noise factor;
     ``obsm["latent_time_posterior"]``: ``(n_obs, n_grid)`` float32 posterior;
     ``uns["velofit"]``: ``"time_grid"`` ``(n_grid,)``, ``"prior"`` ``(n_grid,)`` prior
     weights, ``"loglik"`` log-likelihood per EM iteration, ``"latent_time_params"`` (mode,
@@ -108,7 +109,7 @@ def latent_time(
     out = adata.copy() if copy else adata
     shared = stored_shared_fit(out)
     if shared is not None:
-        q, grid, log_pi, trace, clock, n_genes = _posterior_of_shared_fit(out, shared, layers)
+        q, grid, log_pi, trace, clock, std, n_genes = _posterior_of_shared_fit(out, shared, layers)
         info = {"mode": "shared", "em": shared["em"], "prior": shared["prior_kind"]}
     else:
         genes = _fitted_genes(out)
@@ -120,12 +121,13 @@ def latent_time(
             grid = jnp.linspace(0.0, 1.0, n_grid)
             theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs)
             state, trace = se.run(data, grid, theta, var_u, var_s, config)
+            clock, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, grid))
             q, log_pi, cell_noise = (np.asarray(a) for a in (state.q, state.log_pi, state.cell_scale))
             grid = np.asarray(grid)
         out.obs["velofit_cell_noise"] = cell_noise
-        clock, n_genes = q @ grid, genes.size
+        n_genes = genes.size
         info = {"mode": "per_gene", "em": "soft", "prior": prior}
-    write_latent_time(out, q, grid, np.exp(log_pi), trace, clock, roots, {**info, "n_genes": int(n_genes)})
+    write_latent_time(out, q, grid, np.exp(log_pi), trace, clock, std, roots, {**info, "n_genes": int(n_genes)})
     return out if copy else None
 
 
@@ -179,7 +181,7 @@ def root_mask(
     return mask
 
 
-def write_latent_time(adata, q, grid, prior, trace, clock, roots, info: dict) -> None:
+def write_latent_time(adata, q, grid, prior, trace, clock, std, roots, info: dict) -> None:
     """Orient the clock by the roots and write the latent-time keys (see :func:`latent_time`).
 
     Parameters
@@ -196,6 +198,8 @@ def write_latent_time(adata, q, grid, prior, trace, clock, roots, info: dict) ->
         Log-likelihood per iteration (``nan`` entries dropped).
     clock
         ``(n_obs,)`` point estimate of each cell's clock time.
+    std
+        ``(n_obs,)`` its posterior spread.
     roots
         Root mask or ``None``.
     info
@@ -203,8 +207,6 @@ def write_latent_time(adata, q, grid, prior, trace, clock, roots, info: dict) ->
     """
     q = np.asarray(q, np.float64)
     q = q / np.sum(q, axis=1, keepdims=True)
-    mean = q @ grid
-    std = np.sqrt(np.maximum(q @ (grid * grid) - mean * mean, 0.0))
     reverse = roots is not None and np.mean(clock[roots]) > np.mean(clock)
     if reverse:  # the grid is symmetric on [0, 1]: reversing it maps t to 1 - t
         q, prior, clock = q[:, ::-1], np.asarray(prior)[::-1], 1.0 - clock
@@ -290,13 +292,12 @@ def _posterior_of_shared_fit(adata: AnnData, shared: dict, layers: tuple[str, st
         log_pi = np.log(np.asarray(shared["prior"], np.float64))
         noise = adata.obs["velofit_cell_noise"].to_numpy(np.float64) if "velofit_cell_noise" in adata.obs else np.ones(adata.n_obs)
         jgrid = jnp.asarray(grid)
-        q, _, _ = se.e_step_jit(theta, var_u, var_s, jnp.asarray(log_pi), jnp.asarray(noise), data, jgrid, False)
-        q = np.asarray(q)
+        q, qd, loglik = se.e_step_jit(theta, var_u, var_s, jnp.asarray(log_pi), jnp.asarray(noise), data, jgrid, False)
+        state = se.SoftEMState(theta, var_u, var_s, jnp.asarray(log_pi), jnp.asarray(noise), q, qd, loglik, None, None)
+        clock, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, jgrid))
         if shared["em"] == "hard":
             clock = np.asarray(st.shared_times_jit(theta, var_u, var_s, data, jgrid)[0])
-        else:
-            clock = q @ grid
-    return q, grid, log_pi, np.asarray(shared["loglik"]), clock, n
+    return np.asarray(q), grid, log_pi, np.asarray(shared["loglik"]), clock, std, n
 
 
 def _fitted_genes(adata: AnnData) -> np.ndarray:

@@ -129,12 +129,15 @@ def recover_dynamics_shared(
         grid = jnp.linspace(0.0, 1.0, n_grid)
         theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs, seed=seed)
         state, trace = se.run(data, grid, theta, var_u, var_s, config)
-        q = state.q
+        if em == "hard":  # the soft posterior at the fitted model, and the refined best times
+            q, qd, loglik = se.e_step_jit(
+                state.theta, state.var_u, state.var_s, state.log_pi, state.cell_scale, data, grid, False
+            )
+            state = state._replace(q=q, qd=qd, loglik=loglik)
+        clock, std = se.posterior_spread_jit(state, data, grid)
         if em == "hard":
             clock = st.shared_times_jit(state.theta, state.var_u, state.var_s, data, grid)[0]
-            q = se.e_step_jit(state.theta, state.var_u, state.var_s, state.log_pi, state.cell_scale, data, grid, False)[0]
-        else:
-            clock = q @ grid
+        q = state.q
         fit_data = st.prepare_data(mu, ms, gene_statistics(mu, ms).weights, data.std_u[: genes.size],
                                    data.std_s[: genes.size], chunk_size=chunk_width(*mu.shape))
         fit_var_u, fit_var_s = st.residual_variances_jit(state.theta, clock, fit_data, floor=0.0)
@@ -148,12 +151,12 @@ def recover_dynamics_shared(
             "std_s": np.asarray(data.std_s)[:n],
             "mean_sq": np.asarray(fit_var_u + fit_var_s)[:n],
         }
-        q, clock, grid = np.asarray(q), np.asarray(clock), np.asarray(grid)
+        q, clock, std, grid = np.asarray(q), np.asarray(clock), np.asarray(std), np.asarray(grid)
         log_pi, cell_noise = np.asarray(state.log_pi), np.asarray(state.cell_scale)
     _write_shared_fit(out, genes, result, clock, t_max)
     out.obs["velofit_cell_noise"] = cell_noise
     info = {"mode": "shared", "em": em, "prior": prior, "n_genes": int(genes.size)}
-    write_latent_time(out, q, grid, np.exp(log_pi), trace, clock, None, info)
+    write_latent_time(out, q, grid, np.exp(log_pi), trace, clock, std, None, info)
     out.uns["velofit"]["shared_fit"] = {
         "genes": np.asarray(out.var_names[genes]).astype(str),
         "theta": result["theta"],
