@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._validation import VelofitInputError, check_adata, check_bool, check_fit_options, check_key, dense_layer, resolve_var_names
-from ..core.fit import GeneFit, fit_genes
+from .._io import layer_readers
+from .._validation import (
+    VelofitInputError,
+    check_adata,
+    check_bool,
+    check_fit_options,
+    check_key,
+    resolve_var_names,
+)
+from ..core.backends import check_backend, check_device
+from ..core.fit import GeneFit, fit_columns
 from ..core.hard_em import EMConfig
 from ..core.initialize import MIN_CELLS
+from ..core.memory import parse_memory_budget
 
 #: Total time span that every gene's clock is rescaled to (scVelo's ``t_max`` default).
 DEFAULT_T_MAX = 20.0
@@ -34,6 +45,10 @@ def recover_dynamics(
     tol: float = 1e-4,
     t_max: float = DEFAULT_T_MAX,
     chunk_size: int | None = None,
+    memory_budget: int | str | None = None,
+    backend: str = "local",
+    client: Any = None,
+    device: str = "auto",
     seed: int = 0,
     progress: bool = True,
     copy: bool = False,
@@ -44,6 +59,14 @@ def recover_dynamics(
     switching time ``t_``, unspliced ``scaling`` and a time per cell, by the two-stage hard
     EM of MODEL.md section 4 (explicit E-steps, then exact ones; Levenberg-Marquardt M-steps),
     batched over genes with JAX.
+
+    Inputs that do not fit in memory: ``Ms``/``Mu`` are read one chunk of gene columns at a
+    time, whatever holds them: NumPy or SciPy arrays, Dask arrays (dense or sparse chunks),
+    ``h5py`` datasets or anndata's on-disk sparse datasets; the fit is bitwise the same.
+    ``anndata.read_h5ad(path, backed="r")`` keeps only ``X`` on disk (anndata 0.12 loads the
+    layers); to keep the layers on disk too, open them lazily, e.g.
+    ``adata.layers["Ms"] = anndata.experimental.read_elem_lazy(h5py.File(path)["layers/Ms"])``.
+    The outputs (``fit_t`` etc.) are written into ``adata`` in memory.
 
     Deliberate differences from scVelo's ``recover_dynamics``: no hidden gamma/beta penalty;
     exact time assignment is refined beyond the grid; every gene's loss is non-increasing and
@@ -83,7 +106,30 @@ def recover_dynamics(
         Each gene's clock is rescaled so that its cells span ``[0, t_max]`` (as scVelo's
         ``align_dynamics``); rates are divided by the same factor.
     chunk_size
-        Genes per compiled chunk; default from a 2 GiB working-set budget.
+        Genes per compiled chunk (padded to at least 2); default: the widest chunk whose
+        working set fits ``memory_budget``. Results do not depend on it.
+    memory_budget
+        Memory one chunk of genes may use, in bytes or as a string (``"2GB"``, ``"512MiB"``);
+        default 2 GiB when ``chunk_size`` is ``None``. It bounds the fit's working set: the
+        compiled EM's buffers (XLA's own accounting is checked before the fit, and a chunk is
+        narrowed until it fits; an error if even 2 genes do not) and the chunk's host arrays.
+        The rest of the peak is the input as the user holds it (velofit reads one chunk of
+        columns at a time and never copies a whole layer) and the outputs (``fit_t``,
+        ``fit_tau``, ``fit_tau_``: three float64 ``n_obs x n_vars`` layers, plus a boolean
+        and a float64 ``n_obs x n_genes`` array while the fit runs). With ``backend="dask"``
+        it applies to each chunk on a worker thread.
+    backend
+        ``"local"``: chunks run one after another in this process (JAX uses every core).
+        ``"dask"``: chunks are submitted to an existing ``dask.distributed`` cluster (``client``,
+        or the default client); needs ``pip install 'velofit[dask]'``. Same results, bitwise,
+        when the workers run the same JAX on the same kind of CPU.
+    client
+        A ``distributed.Client`` for ``backend="dask"`` (default: ``distributed.get_client()``).
+    device
+        JAX device of the EM: ``"auto"`` (a GPU when JAX sees one, else the CPU), ``"cpu"``
+        or ``"gpu"`` (an error if JAX sees none). The EM runs in float64 on every device (the
+        time assignment and the M-step's step acceptance need it; on a GPU float64 is slower
+        than float32 but the fit stays the same model).
     seed
         Seed of the random subset of cells used for M-step directions on large data.
     progress
@@ -131,13 +177,24 @@ def recover_dynamics(
     check_key("unspliced_layer", unspliced_layer)
     check_bool("progress", progress)
     check_bool("copy", copy)
+    if copy and adata.isbacked:
+        raise VelofitInputError(
+            "copy=True cannot copy an AnnData opened in backed mode; pass copy=False (the outputs are "
+            "written in memory, the file is not changed) or load it with adata.to_memory()"
+        )
+    memory_budget = parse_memory_budget(memory_budget)
+    check_backend(backend, client)
+    check_device(device)
     genes = resolve_var_names(adata, var_names)
-    ms = dense_layer(adata, spliced_layer, genes)
-    mu = dense_layer(adata, unspliced_layer, genes)
+    read_ms, read_mu = layer_readers(adata, (spliced_layer, unspliced_layer), genes)
 
     config = EMConfig(max_iter=max_iter, n_explicit=n_explicit, tol=tol)
     with tqdm(total=genes.size, unit="gene", disable=not progress, desc="recover_dynamics") as bar:
-        fit = fit_genes(mu, ms, config, chunk_size=chunk_size, seed=seed, progress=bar.update)
+        fit = fit_columns(
+            lambda cols: (read_mu(cols), read_ms(cols)), adata.n_obs, genes.size, config, chunk_size=chunk_size,
+            memory_budget=memory_budget, seed=seed, progress=bar.update, backend=backend, client=client,
+            device=device,
+        )
 
     out = adata.copy() if copy else adata
     _write_fit(out, genes, fit, t_max)
@@ -161,8 +218,7 @@ def recover_dynamics(
 def _write_fit(adata: AnnData, genes: np.ndarray, fit: GeneFit, t_max: float) -> None:
     n_vars = adata.n_vars
     fitted = fit.fitted
-    t = np.where(fitted[None, :], fit.t, np.nan)
-    span = np.nanmax(np.where(fit.weights, t, np.nan), axis=0, initial=0.0) if t.size else np.zeros(0)
+    span = np.where(fitted, fit.span, 0.0)
     align = np.where(fitted & (span > 0), t_max / np.where(span > 0, span, 1.0), np.nan)
 
     def full(values, fill=np.nan, dtype=float):
@@ -194,16 +250,17 @@ def _write_fit(adata: AnnData, genes: np.ndarray, fit: GeneFit, t_max: float) ->
     adata.var["fit_status"] = full(fit.status, "not selected", object)
     adata.var["velocity_genes"] = select_velocity_genes(adata, DEFAULT_MIN_LIKELIHOOD)
 
-    t_aligned = t * align[None, :]
-    t_switch = (fit.t_ * align)[None, :]
-    layers = {
-        "fit_t": t_aligned,
-        "fit_tau": np.minimum(t_aligned, t_switch),
-        "fit_tau_": np.maximum(t_aligned - t_switch, 0.0),
-    }
-    for key, values in layers.items():
-        layer = np.full(adata.shape, np.nan)
-        layer[:, genes] = values
+    # Column blocks: the three layers are the only full-size arrays allocated here.
+    layers = {key: np.full(adata.shape, np.nan) for key in ("fit_t", "fit_tau", "fit_tau_")}
+    t_switch = fit.t_ * align
+    block = max(1, (64 * 1024**2) // (8 * max(adata.n_obs, 1)))
+    for start in range(0, genes.size, block):
+        sel = slice(start, start + block)
+        t_aligned = np.where(fitted[None, sel], fit.t[:, sel], np.nan) * align[None, sel]
+        layers["fit_t"][:, genes[sel]] = t_aligned
+        layers["fit_tau"][:, genes[sel]] = np.minimum(t_aligned, t_switch[None, sel])
+        layers["fit_tau_"][:, genes[sel]] = np.maximum(t_aligned - t_switch[None, sel], 0.0)
+    for key, layer in layers.items():
         adata.layers[key] = layer
     loss = np.full((n_vars, fit.trace.shape[0]), np.nan)
     loss[genes] = fit.trace.T

@@ -1,0 +1,280 @@
+"""Scale: memory budget, streamed inputs (Dask, h5py, on-disk sparse, backed mode), the Dask
+backend on a LocalCluster, devices, and the options' input checks.
+
+Every fit compares bitwise with the in-memory fit of the same data (60 cells x 6 genes,
+``max_iter=3, n_explicit=1``). Two compiled shapes: chunks of 6 genes (the default) and of
+3 genes (``chunk_size=3``).
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import anndata as ad
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from test_determinism import _bitwise, max_abs_diff, simulate
+
+from velofit import tl
+from velofit._validation import VelofitInputError, VelofitTypeError
+from velofit.core import memory
+from velofit.core.backends import resolve_device
+from velofit.core.fit import fit_chunk
+from velofit.core.hard_em import EMConfig
+
+FIT = {"max_iter": 3, "n_explicit": 1, "progress": False}
+CONFIG = EMConfig(max_iter=3, n_explicit=1)
+N_OBS, N_VARS = 60, 6
+
+
+def fit(adata: ad.AnnData, *, inplace: bool = False, **kwargs) -> ad.AnnData:
+    """The fitted copy (``inplace``: fit ``adata`` itself; h5py layers cannot be copied)."""
+    out = tl.recover_dynamics(adata, copy=not inplace, **{**FIT, **kwargs})
+    return adata if inplace else out
+
+
+def outputs(adata: ad.AnnData) -> dict[str, np.ndarray]:
+    out = {f"var/{c}": adata.var[c].to_numpy() for c in adata.var.columns if c.startswith("fit_")}
+    out.update({f"layers/{k}": np.asarray(adata.layers[k]) for k in ("fit_t", "fit_tau", "fit_tau_")})
+    out["varm/loss"] = np.asarray(adata.varm["loss"])
+    return out
+
+
+def assert_same(a: ad.AnnData, b: ad.AnnData) -> None:
+    x, y = outputs(a), outputs(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert _bitwise(x[key], y[key]), f"{key} differs: max abs diff {max_abs_diff(x[key], y[key])}"
+
+
+@pytest.fixture(scope="module")
+def data() -> ad.AnnData:
+    adata = simulate(n_obs=N_OBS, n_vars=N_VARS, seed=5)
+    for key in ("Ms", "Mu"):
+        adata.layers[key] = np.asarray(adata.layers[key], dtype=np.float64)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def reference(data) -> ad.AnnData:
+    return fit(data)
+
+
+@pytest.fixture(scope="module")
+def reference3(data) -> ad.AnnData:
+    return fit(data, chunk_size=3)
+
+
+# --------------------------------------------------------------------------- memory budget
+
+
+def test_chunk_width_does_not_change_results(reference, reference3):
+    assert_same(reference, reference3)
+
+
+def test_model_covers_xla_accounting():
+    """XLA's own accounting of the compiled EM stays within the model used for the default."""
+    for width in (3, 6):
+        need = memory.chunk_footprint(N_OBS, width, CONFIG)
+        assert need <= memory.bytes_per_gene(N_OBS, CONFIG) * width
+
+
+def test_host_arrays_within_model(data):
+    """NumPy memory of one chunk (tracemalloc; XLA's buffers are not NumPy's) stays in the model."""
+    mu = np.asfortranarray(data.layers["Mu"], dtype=np.float64)
+    ms = np.asfortranarray(data.layers["Ms"], dtype=np.float64)
+    fit_chunk(mu, ms, width=N_VARS, sample=np.arange(N_OBS), config=CONFIG)  # compile outside the trace
+    tracemalloc.start()
+    try:
+        fit_chunk(mu, ms, width=N_VARS, sample=np.arange(N_OBS), config=CONFIG)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 8 * memory.HOST_ARRAYS * N_OBS * N_VARS
+
+
+def test_budget_sets_chunk_and_results_are_identical(data, reference):
+    budget = memory.bytes_per_gene(N_OBS, CONFIG) * 3 + 100
+    assert memory.default_chunk_size(N_OBS, budget, CONFIG) == 3
+    assert_same(reference, fit(data, memory_budget=budget))
+
+
+def test_plan_narrows_until_the_chunk_fits():
+    calls = []
+
+    def footprint(n_cells, width):
+        calls.append(width)
+        return 1000 * width
+
+    width = memory.plan_width(100, 50, CONFIG, chunk_size=None, memory_budget=10**12, footprint=footprint)
+    assert width == 50
+    width = memory.plan_width(10**6, 50, CONFIG, chunk_size=None, memory_budget=25_000, footprint=footprint)
+    assert width <= 25 and 1000 * width <= 25_000
+
+
+def test_budget_below_two_genes_raises():
+    with pytest.raises(VelofitInputError, match="raise memory_budget"):
+        memory.plan_width(100, 50, CONFIG, chunk_size=None, memory_budget=10, footprint=lambda n, w: 1000 * w)
+
+
+def test_chunk_size_over_budget_raises():
+    with pytest.raises(VelofitInputError, match="lower chunk_size, raise memory_budget"):
+        memory.plan_width(100, 50, CONFIG, chunk_size=20, memory_budget=5000, footprint=lambda n, w: 1000 * w)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2GB", 2 * 10**9), ("512 MiB", 512 * 1024**2), ("1e6", 10**6),
+                                                (4096, 4096), (None, None)])
+def test_parse_memory_budget(text, expected):
+    assert memory.parse_memory_budget(text) == expected
+
+
+# --------------------------------------------------------------------------- streamed inputs
+
+
+def test_reads_only_the_chunk_columns(h5ad_path, data, reference3, monkeypatch):
+    """An h5py layer is read in blocks holding only the current chunk's columns."""
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def recording(self, key):
+        reads.append((self.name, key))
+        return original(self, key)
+
+    with h5py.File(h5ad_path, "r") as f:
+        adata = ad.AnnData(obs=data.obs.copy(), var=data.var.copy(),
+                           layers={"Ms": f["layers/Ms"], "Mu": f["layers/Mu"]})
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+        out = fit(adata, chunk_size=3, inplace=True)
+        monkeypatch.undo()
+    assert_same(reference3, out)
+    for name in ("/layers/Ms", "/layers/Mu"):
+        cols = [key[1] for n, key in reads if n == name]
+        assert [(c.start, c.stop) for c in cols] == [(0, 3), (3, 6)]
+
+
+def test_dask_array_layers(data, reference):
+    da = pytest.importorskip("dask.array")
+    adata = data.copy()
+    adata.layers["Ms"] = da.from_array(np.asarray(data.layers["Ms"]), chunks=(20, 2))
+    adata.layers["Mu"] = da.from_array(sp.csr_matrix(data.layers["Mu"]), chunks=(25, 6), asarray=False)
+    assert_same(reference, fit(adata))
+    assert isinstance(adata.layers["Ms"], da.Array)  # the input is left as it was
+
+
+@pytest.fixture(scope="module")
+def h5ad_path(data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("scale") / "data.h5ad"
+    disk = data.copy()
+    disk.layers["Mu_csr"] = sp.csr_matrix(data.layers["Mu"])
+    disk.layers["Ms_csc"] = sp.csc_matrix(data.layers["Ms"])
+    disk.write_h5ad(path)
+    return path
+
+
+def test_backed_mode(h5ad_path, reference):
+    adata = ad.read_h5ad(h5ad_path, backed="r")
+    try:
+        with pytest.raises(VelofitInputError, match="backed mode"):
+            tl.recover_dynamics(adata, copy=True, **FIT)
+        assert_same(reference, fit(adata, inplace=True))
+    finally:
+        adata.file.close()
+
+
+def test_on_disk_layers(h5ad_path, data, reference):
+    """h5py datasets, on-disk CSR and CSC and lazily read layers, all streamed from the file."""
+    from anndata.experimental import read_elem_lazy
+
+    with h5py.File(h5ad_path, "r") as f:
+        for ms, mu in (
+            (f["layers/Ms"], f["layers/Mu"]),
+            (ad.io.sparse_dataset(f["layers/Ms_csc"]), ad.io.sparse_dataset(f["layers/Mu_csr"])),
+            (read_elem_lazy(f["layers/Ms"]), read_elem_lazy(f["layers/Mu_csr"])),
+        ):
+            adata = ad.AnnData(obs=data.obs.copy(), var=data.var.copy(), layers={"Ms": ms, "Mu": mu})
+            assert_same(reference, fit(adata, inplace=True))
+
+
+def test_bad_values_in_a_later_chunk_raise(data):
+    adata = data.copy()
+    values = np.asarray(data.layers["Mu"]).copy()
+    values[3, 4] = np.nan
+    adata.layers["Mu"] = values
+    with pytest.raises(VelofitInputError, match=r"layer 'Mu' contains NaN or inf in 1 gene\(s\), e.g. \['g4'\]"):
+        fit(adata, chunk_size=3)
+    assert "fit_t" not in adata.layers  # nothing written
+
+
+# --------------------------------------------------------------------------- Dask backend
+
+
+def test_dask_backend_matches_local(data, reference3):
+    distributed = pytest.importorskip("distributed")
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        explicit = fit(data, chunk_size=3, backend="dask", client=client)
+        default = fit(data, chunk_size=3, backend="dask")  # the default client
+        for _ in range(100):  # the chunks' inputs are released (asynchronously)
+            held = sum(len(v) for v in client.run(lambda dask_worker: list(dask_worker.data)).values())
+            if held == 0:
+                break
+            time.sleep(0.1)
+    assert_same(reference3, explicit)
+    assert_same(reference3, default)
+    assert held == 0
+
+
+def test_dask_backend_without_client_raises(data):
+    pytest.importorskip("distributed")
+    with pytest.raises(VelofitInputError, match="found no dask.distributed Client"):
+        fit(data, backend="dask")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_cpu_device_matches_auto(data, reference):
+    if resolve_device("auto").platform != "cpu":
+        pytest.skip("auto picks a GPU here")
+    assert_same(reference, fit(data, device="cpu"))
+
+
+def test_gpu_without_gpu_raises(data):
+    if resolve_device("auto").platform != "cpu":
+        pytest.skip("a GPU is present")
+    with pytest.raises(VelofitInputError, match="device='gpu' but JAX sees no GPU"):
+        fit(data, device="gpu")
+
+
+# --------------------------------------------------------------------------- bad arguments
+
+BAD = [
+    ({"memory_budget": -1}, VelofitInputError, "memory_budget must be a positive, finite number of bytes"),
+    ({"memory_budget": "lots"}, VelofitInputError, "memory_budget 'lots' is not a size"),
+    ({"memory_budget": [1]}, VelofitTypeError, "memory_budget must be a number of bytes"),
+    ({"memory_budget": True}, VelofitTypeError, "memory_budget must be a number of bytes"),
+    ({"memory_budget": 100}, VelofitInputError, "is below what a chunk of 2 genes needs"),
+    ({"chunk_size": 6, "memory_budget": 1000}, VelofitInputError, "lower chunk_size, raise memory_budget"),
+    ({"backend": "spark"}, VelofitInputError, r"backend must be one of \('local', 'dask'\), got 'spark'"),
+    ({"backend": 1}, VelofitTypeError, "backend must be a string"),
+    ({"client": object()}, VelofitInputError, "client= is only used with backend='dask'"),
+    ({"backend": "dask", "client": object()}, VelofitTypeError, "client must be a dask.distributed Client"),
+    ({"device": "tpu"}, VelofitInputError, r"device must be one of \('auto', 'cpu', 'gpu'\), got 'tpu'"),
+    ({"device": None}, VelofitTypeError, "device must be a string"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD, ids=[str(b[0]) for b in BAD])
+def test_bad_scale_arguments(data, kwargs, error, match):
+    if kwargs.get("backend") == "dask":
+        pytest.importorskip("distributed")
+    adata = data.copy()
+    before = set(adata.layers.keys())
+    with pytest.raises(error, match=match):
+        tl.recover_dynamics(adata, **{**FIT, **kwargs})
+    assert set(adata.layers.keys()) == before
