@@ -457,7 +457,8 @@ def _step(state: SoftEMState, data: SharedData, grid, settings: _Settings, n_lm:
     return SoftEMState(theta, var_u, var_s, log_pi, c, q, qd, loglik, damping, state.n_iter + 1)
 
 
-def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_pi=None, cell_scale=None):
+def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_pi=None, cell_scale=None,
+        progress=None):
     """Iterate :func:`step` until the log-likelihood gain is below ``tol`` or ``max_iter``.
 
     The step is jitted once per array shape and ``n_lm`` (every other setting is passed as an
@@ -467,6 +468,9 @@ def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_p
     ----------
     data, grid, theta, var_u, var_s, config, log_pi, cell_scale
         As for :func:`init`.
+    progress
+        Called with ``1`` after every annealing step and every iteration (for a progress
+        bar); ``None``: nothing is reported.
 
     Returns
     -------
@@ -480,7 +484,9 @@ def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_p
         state = _init(data, grid, theta, var_u, var_s, soft._replace(temper=jnp.asarray(temper[0])), log_pi, cell_scale)
         for b in temper[1:]:
             state = _step_jit(state, data, grid, soft._replace(temper=jnp.asarray(b, grid.dtype)), config.n_lm)
+            _report(progress)
         state = _step_jit(state, data, grid, soft, config.n_lm)
+        _report(progress)
         theta, var_u, var_s, log_pi, cell_scale = state.theta, state.var_u, state.var_s, state.log_pi, state.cell_scale
     state = _init(data, grid, theta, var_u, var_s, settings, log_pi, cell_scale)
     trace = np.full(config.max_iter + 1, np.nan)
@@ -488,12 +494,18 @@ def run(data: SharedData, grid, theta, var_u, var_s, config: SoftEMConfig, log_p
     for it in range(1, config.max_iter + 1):
         state = _step_jit(state, data, grid, settings, config.n_lm)
         trace[it] = float(state.loglik)
+        _report(progress)
         if trace[it] - trace[it - 1] <= config.tol * abs(trace[it]):
             break
     return state, trace
 
 
 _step_jit = jax.jit(_step, static_argnames=("n_lm",))
+
+
+def _report(progress) -> None:
+    if progress is not None:
+        progress(1)
 
 
 def posterior_moments(q, grid):

@@ -8,9 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from anndata import AnnData
+from tqdm.auto import tqdm
 
 from .. import __version__
-from .._validation import VelofitInputError, check_adata, check_bool, check_int, check_number, dense_layer
+from .._validation import (
+    VelofitInputError,
+    check_adata,
+    check_bool,
+    check_int,
+    check_number,
+    dense_layer,
+)
 from ..core import shared_time as st
 from ..core import soft_em as se
 from ..core.initialize import gene_statistics
@@ -23,7 +31,12 @@ from ._latent_time import (
     per_gene_inputs,
     write_latent_time,
 )
-from ._recover_dynamics import DEFAULT_MIN_LIKELIHOOD, DEFAULT_T_MAX, recover_dynamics, select_velocity_genes
+from ._recover_dynamics import (
+    DEFAULT_MIN_LIKELIHOOD,
+    DEFAULT_T_MAX,
+    recover_dynamics,
+    select_velocity_genes,
+)
 
 #: EM iterations of the shared fit.
 DEFAULT_SHARED_MAX_ITER = 100
@@ -84,7 +97,8 @@ def recover_dynamics_shared(
     seed
         Seed of the per-gene fit and of the cell subset of the initial clock maps.
     progress
-        Show the per-gene progress bar.
+        Show progress bars (with an estimated time left) over the per-gene fit's genes and
+        the shared EM's iterations (an upper bound: the EM stops early once converged).
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -128,7 +142,9 @@ def recover_dynamics_shared(
         data = st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
         grid = jnp.linspace(0.0, 1.0, n_grid)
         theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs, seed=seed)
-        state, trace = se.run(data, grid, theta, var_u, var_s, config)
+        n_steps = config.anneal_steps + max_iter
+        with tqdm(total=n_steps, unit="iter", disable=not progress, desc="shared-time EM") as bar:
+            state, trace = se.run(data, grid, theta, var_u, var_s, config, progress=bar.update)
         if em == "hard":  # the soft posterior at the fitted model, and the refined best times
             q, qd, loglik = se.e_step_jit(
                 state.theta, state.var_u, state.var_s, state.log_pi, state.cell_scale, data, grid, False
