@@ -129,7 +129,9 @@ def recover_dynamics(
         JAX device of the EM: ``"auto"`` (a GPU when JAX sees one, else the CPU), ``"cpu"``
         or ``"gpu"`` (an error if JAX sees none). The EM runs in float64 on every device (the
         time assignment and the M-step's step acceptance need it; on a GPU float64 is slower
-        than float32 but the fit stays the same model).
+        than float32 but the fit stays the same model). A GPU sums in another order than the
+        CPU, so its fit is not bitwise the CPU's: measured on an H200 (2,000 simulated cells,
+        8 genes, ``max_iter=5``), ``fit_alpha`` differed by at most 9e-4 relative.
     seed
         Seed of the random subset of cells used for M-step directions on large data.
     progress
