@@ -18,7 +18,8 @@ import pytest
 
 import velofit as vf
 from velofit._report import SECTIONS, write_atomic
-from velofit.cli import _demo_data, build_parser, main
+from velofit.cli import build_parser, main
+from velofit.cli.demo import demo_data as _demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 PANCREAS = ROOT.parent / "shared" / "data" / "pancreas_739.h5ad"
