@@ -126,8 +126,8 @@ def test_loss_trace_non_increasing():
         assert values[0] == trace[0, g]  # the initial loss is recorded first
         steps = np.diff(values)
         assert np.all(steps <= 1e-12 * np.abs(values[:-1])), (g, steps)
-        # the last recorded value is the final loss
-        assert values[-1] == pytest.approx(fit.loss[g], rel=1e-12)
+        # the final full E-step (every cell iterated here) can only lower the last loss
+        assert fit.loss[g] <= values[-1] * (1 + 1e-12)
 
 
 def test_times_and_parameters_are_valid():

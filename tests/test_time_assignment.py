@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from velofit.core.exact_time import exact_times, grid_search_phase, refine_newton
+from velofit.core.exact_time import exact_times, grid_search_phase, local_times, refine_newton
 from velofit.core.explicit_time import explicit_times, invert_phase
 from velofit.core.kinetics import KineticParams, phase_state, switch_state, trajectory
 
@@ -34,6 +34,7 @@ def _explicit(*args):
 _exact = jax.jit(exact_times, static_argnames=("n_grid", "n_newton"))
 _grid = jax.jit(grid_search_phase, static_argnames=("n_grid",))
 _refine = jax.jit(refine_newton, static_argnames=("n_newton",))
+_local = jax.jit(local_times, static_argnames=("n_grid", "n_newton"))
 
 
 def _params(*rows):
@@ -247,6 +248,42 @@ def test_exact_times_noise_free_near_switch_point():
     got, dist = (np.asarray(x) for x in _exact(u, s, params, jnp.asarray(tau_max), std_u, std_s, n_newton=6))
     np.testing.assert_allclose(got, t, rtol=1e-6)
     assert np.max(dist) < 1e-20
+
+
+def test_local_times_noise_free_returns_true_time_from_a_nearby_start():
+    """Warm start a quarter grid spacing off, in the right phase: Newton finds the true time."""
+    params, t, tau_max = _exact_case(seed=5)
+    u, s = _traj(jnp.asarray(t), params)
+    std_u, std_s = jnp.std(u, axis=0), jnp.std(s, axis=0)
+    t_ = np.asarray(params.t_)
+    spacing = np.where(t < t_, t_, tau_max) / 31
+    rng = np.random.default_rng(0)
+    start = t + rng.choice([-0.25, 0.25], t.shape) * spacing
+    same_phase = ((start < t_) == (t < t_)) & _away_from_switch(t, params, tau_max) & (start > 0)
+    got, dist = (np.asarray(x) for x in _local(jnp.asarray(start), u, s, params, jnp.asarray(tau_max), std_u, std_s, n_newton=6))
+    np.testing.assert_allclose(got[same_phase], t[same_phase], rtol=1e-6, atol=1e-9)
+    assert np.max(dist[same_phase]) < 1e-20
+
+
+def test_local_times_never_worse_than_the_start_and_keep_the_phase():
+    params, t, tau_max = _exact_case(seed=6)
+    u, s = _traj(jnp.asarray(t), params)
+    rng = np.random.default_rng(1)
+    u = u + rng.normal(0, 0.1, u.shape)
+    s = s + rng.normal(0, 0.1, s.shape)
+    std_u, std_s = jnp.std(u, axis=0), jnp.std(s, axis=0)
+    start = np.clip(t + rng.normal(0, 0.5, t.shape), 0, None)
+    got, dist = (np.asarray(x) for x in _local(jnp.asarray(start), u, s, params, jnp.asarray(tau_max), std_u, std_s))
+    t_ = np.asarray(params.t_)
+    start_on = start < t_
+    np.testing.assert_array_equal(got[start_on] <= t_[np.nonzero(start_on)[1]], True)
+    np.testing.assert_array_equal(got[~start_on] >= t_[np.nonzero(~start_on)[1]], True)
+    # distance at the (clipped) start
+    on_len, off_len = t_, tau_max
+    clipped = np.where(start_on, np.minimum(start, on_len), t_ + np.minimum(start - t_, off_len))
+    cu, cs = _traj(jnp.asarray(clipped), params)
+    d0 = (np.asarray(u - cu) / np.asarray(std_u)) ** 2 + (np.asarray(s - cs) / np.asarray(std_s)) ** 2
+    assert np.all(dist <= d0 * (1 + 1e-12) + 1e-300)
 
 
 def test_exact_times_distance_not_worse_than_best_grid_point():

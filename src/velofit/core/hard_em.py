@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .exact_time import exact_times
+from .exact_time import exact_times, local_times
 from .explicit_time import explicit_times
 from .kinetics import KineticParams
 from .mstep import GeneData, levenberg_marquardt, params_from_log, residuals
@@ -41,12 +41,18 @@ class EMConfig(NamedTuple):
     n_lm
         Levenberg-Marquardt steps per M-step.
     n_jacobian_cells
-        Most cells from which an M-step direction is computed (a seeded random subset is
-        drawn by :func:`velofit.core.fit.fit_genes`); acceptance always uses all cells.
+        Most cells the EM iterates on (a seeded random subset is drawn by
+        :func:`velofit.core.fit.fit_genes`; see :func:`run`); every cell is then timed exactly.
     tol
         A gene converges when an iteration lowers its loss by less than ``tol`` (relative).
     n_grid, n_newton
         Grid points per phase and Newton steps of the exact E-step.
+    full_every
+        Exact iterations search the whole trajectory (grid + Newton) in the first two
+        iterations and then every ``full_every``-th; in between, each cell's time is refined
+        from its previous one by Newton steps within its phase
+        (:func:`~velofit.core.exact_time.local_times`), several times cheaper. ``1`` searches
+        every time. Every fit ends with a full search (:func:`run`).
     """
 
     max_iter: int = 20
@@ -55,7 +61,8 @@ class EMConfig(NamedTuple):
     n_jacobian_cells: int = 1024
     tol: float = 1e-4
     n_grid: int = 32
-    n_newton: int = 4
+    n_newton: int = 2
+    full_every: int = 4
 
 
 class EMState(NamedTuple):
@@ -90,7 +97,7 @@ def repression_length(params: KineticParams):
     return _REPRESSION_DECADES / jnp.minimum(params.beta, params.gamma)
 
 
-def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig):
+def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     """Reassign every cell's time given the parameters, never worsening any cell.
 
     Parameters
@@ -106,6 +113,9 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig):
         or a traced boolean (then both branches are compiled and one runs).
     config
         EM settings.
+    full
+        With ``exact``: search the whole trajectory (``True``) or refine ``t_prev`` within
+        its phase (``False``, :func:`~velofit.core.exact_time.local_times`); Python or traced.
 
     Returns
     -------
@@ -118,7 +128,9 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig):
 
     def exact_branch():
         args = (u, data.ms, p, length, std_u, data.std_s, config.n_grid, config.n_newton)
-        return exact_times(*args)
+        if t_prev is None or full is True:
+            return exact_times(*args)
+        return jax.lax.cond(full, lambda: exact_times(*args), lambda: local_times(t_prev, *args))
 
     def explicit_branch():
         return explicit_times(u, data.ms, p, length, std_u, data.std_s)
@@ -162,7 +174,7 @@ def init(data: GeneData, theta0) -> EMState:
     )
 
 
-def step(state: EMState, data: GeneData, exact: bool, config: EMConfig) -> EMState:
+def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=True) -> EMState:
     """One EM iteration (M-step, then E-step) on the genes that have not converged.
 
     Parameters
@@ -175,6 +187,8 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig) -> EMSta
         Use the exact E-step (Python or traced boolean).
     config
         EM settings.
+    full
+        Full or local exact E-step (see :func:`e_step`).
 
     Returns
     -------
@@ -183,7 +197,7 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig) -> EMSta
     theta, damping, _ = levenberg_marquardt(
         state.theta, state.damping, state.loss, state.t, data, config.n_lm
     )
-    t, loss = e_step(theta, state.t, data, exact, config)
+    t, loss = e_step(theta, state.t, data, exact, config, full)
     active = ~state.converged
     gain = (state.loss - loss) / jnp.maximum(state.loss, 1e-300)
     keep = active[None, :]
@@ -198,7 +212,15 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig) -> EMSta
 
 
 def run(data: GeneData, theta0, config: EMConfig):
-    """Run the two-stage schedule to convergence or ``config.max_iter``.
+    """Run the two-stage schedule to convergence or ``config.max_iter``, then time every cell.
+
+    The EM iterates on the cells ``data.sample`` (all cells, or a seeded random subset of
+    ``config.n_jacobian_cells`` on large data: five rates per gene are determined long before
+    thousands of cells are used, while the cost of every iteration grows with the cells).
+    A final full exact E-step then assigns every cell its time under the fitted parameters
+    (after local E-steps, see ``config.full_every``, a cell may sit in a local optimum of
+    the other phase), and the returned loss is over all cells (never above the last
+    iteration's when all cells were iterated). scVelo iterates on all cells.
 
     Parameters
     ----------
@@ -212,9 +234,26 @@ def run(data: GeneData, theta0, config: EMConfig):
     Returns
     -------
     ``(state, trace)``: the final :class:`EMState` (its ``converged`` refers to the last
-    stage) and the ``(max_iter + 1, n_genes)`` loss per iteration (``nan`` after a gene's
-    last iteration).
+    stage; its ``t`` and ``loss`` cover all cells) and the ``(max_iter + 1, n_genes)`` loss
+    per iteration on the iterated cells (``nan`` after a gene's last iteration).
     """
+    n_cells, n_sample = data.mu.shape[0], data.sample.shape[0]
+    if n_sample == n_cells:  # static shapes: the sample is every cell, in order
+        state, trace = _iterate(data, theta0, config)
+        t, loss = e_step(state.theta, state.t, data, True, config)
+        return state._replace(t=t, loss=loss), trace
+    rows = data.sample
+    subset = GeneData(
+        data.mu[rows], data.ms[rows], data.weights[rows], data.std_u, data.std_s,
+        jnp.arange(n_sample, dtype=rows.dtype),
+    )
+    state, trace = _iterate(subset, theta0, config)
+    t, loss = e_step(state.theta, None, data, True, config)
+    return state._replace(t=t, loss=loss), trace
+
+
+def _iterate(data: GeneData, theta0, config: EMConfig):
+    """The EM loop of :func:`run` on the cells of ``data`` (every row is iterated)."""
     state = init(data, theta0)
     trace = jnp.full((config.max_iter + 1, theta0.shape[1]), jnp.nan, theta0.dtype)
     trace = trace.at[0].set(state.loss)
@@ -230,7 +269,8 @@ def run(data: GeneData, theta0, config: EMConfig):
         it, exact, n_exact_done, st, tr = carry
         active = ~st.converged
         # Exact throughout needs no branch: the explicit E-step is then compiled only for init.
-        st = step(st, data, True if n_explicit == 0 else exact, config)
+        full = (n_exact_done < 2) | (n_exact_done % config.full_every == 0)
+        st = step(st, data, True if n_explicit == 0 else exact, config, full)
         tr = tr.at[it + 1].set(jnp.where(active, st.loss, jnp.nan))
         it = it + 1
         n_exact_done = n_exact_done + exact.astype(jnp.int32)

@@ -122,20 +122,33 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int):
     eye = jnp.eye(N_PARAMS, dtype=theta.dtype)
     basis = jnp.broadcast_to(eye[:, :, None], (N_PARAMS, N_PARAMS, n_genes))
     rows = data.sample
-    sub_t = t[rows]
-    sub = data._replace(mu=data.mu[rows], ms=data.ms[rows], weights=data.weights[rows])
+    if rows.shape[0] == t.shape[0]:  # a sample of every row is every row, in order
+        sub_t, sub = t, data
+    else:
+        sub_t = t[rows]
+        sub = data._replace(mu=data.mu[rows], ms=data.ms[rows], weights=data.weights[rows])
     w = sub.weights
 
     def one_step(_, carry):
         theta, damping, loss = carry
 
-        def tangent(direction):
-            return jax.jvp(lambda th: residuals(th, sub_t, sub), (theta,), (direction,))
+        def column(direction):
+            _, tangent = jax.jvp(lambda th: residuals(th, sub_t, sub), (theta,), (direction,))
+            return tangent
 
-        (ru, rs), (ju, js) = jax.vmap(tangent, out_axes=(None, 0))(basis)  # ju: (5, cells, genes)
+        # One Jacobian column per loop iteration: the loop materialises the columns, where a
+        # vmap let XLA re-evaluate the exponentials inside every product of the normal equations.
+        ju, js = jax.lax.map(column, basis)  # (5, cells, genes) each
+        ru, rs = residuals(theta, sub_t, sub)
         wju, wjs = w * ju, w * js
-        jtj = jnp.einsum("kcg,lcg->gkl", wju, ju) + jnp.einsum("kcg,lcg->gkl", wjs, js)
-        jtr = jnp.einsum("kcg,cg->gk", wju, ru) + jnp.einsum("kcg,cg->gk", wjs, rs)
+        upper = {
+            (k, m): jnp.sum(wju[k] * ju[m] + wjs[k] * js[m], axis=0)
+            for k in range(N_PARAMS) for m in range(k, N_PARAMS)
+        }
+        jtj = jnp.stack([
+            jnp.stack([upper[min(k, m), max(k, m)] for m in range(N_PARAMS)]) for k in range(N_PARAMS)
+        ]).transpose(2, 0, 1)  # (genes, 5, 5), exactly symmetric
+        jtr = jnp.stack([jnp.sum(wju[k] * ru + wjs[k] * rs, axis=0) for k in range(N_PARAMS)]).T
         diag = jnp.diagonal(jtj, axis1=1, axis2=2)
         scale = jnp.maximum(diag, 1e-12 * (1.0 + jnp.max(diag, axis=1, keepdims=True)))
         lhs = jtj + (damping[:, None] * scale)[:, :, None] * eye
