@@ -34,7 +34,6 @@ from .initialize import MIN_CELLS, gene_statistics, initial_parameters
 from .memory import (
     DEFAULT_CONFIG,
     DEFAULT_MEMORY_BYTES,
-    MIN_WIDTH,
     chunk_footprint,
     default_chunk_size,
     parse_memory_budget,
@@ -249,11 +248,11 @@ def fit_columns(
         footprint = partial(_remote_footprint, client, config, device)
     else:
         footprint = partial(_local_footprint, config, device)
+    max_width = None
+    if resolve_device(device).platform == "cpu":
+        max_width = -(-n_genes // -(-n_genes // CPU_CHUNK_GENES))  # balanced chunks: little padding
     width = plan_width(n_cells, n_genes, config, chunk_size=chunk_size, memory_budget=memory_budget,
-                       footprint=footprint)
-    if chunk_size is None and resolve_device(device).platform == "cpu" and width > CPU_CHUNK_GENES:
-        n_chunks = -(-n_genes // CPU_CHUNK_GENES)
-        width = max(MIN_WIDTH, -(-n_genes // n_chunks))  # balanced: little padding
+                       footprint=footprint, max_width=max_width)
 
     sample = np.arange(n_cells)
     if n_cells > config.n_jacobian_cells:

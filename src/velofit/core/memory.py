@@ -123,6 +123,7 @@ def plan_width(
     chunk_size: int | None,
     memory_budget: int | None,
     footprint: Callable[[int, int], int],
+    max_width: int | None = None,
 ) -> int:
     """Genes per chunk: ``chunk_size``, or the widest chunk that fits ``memory_budget``.
 
@@ -140,6 +141,8 @@ def plan_width(
     footprint
         ``footprint(n_cells, width) -> bytes``, e.g. :func:`chunk_footprint` on the target
         device.
+    max_width
+        Upper bound of the default width (ignored when ``chunk_size`` is given).
 
     Returns
     -------
@@ -147,6 +150,8 @@ def plan_width(
     """
     budget = memory_budget if memory_budget is not None or chunk_size is not None else DEFAULT_MEMORY_BYTES
     wanted = chunk_size if chunk_size is not None else default_chunk_size(n_cells, budget, config)
+    if chunk_size is None and max_width is not None:
+        wanted = min(wanted, max_width)
     width = max(MIN_WIDTH, min(wanted, n_genes))
     if budget is None:
         return width
