@@ -124,8 +124,12 @@ def loss_trace(adata: AnnData, genes: str | Sequence[str] | None = None) -> Figu
     relative = np.divide(loss, start, out=np.full_like(loss, np.nan), where=start > 0)
     if relative.size:
         ax_gene.plot(iterations, relative.T, color="tab:blue", alpha=min(1.0, 5.0 / max(len(idx), 1)), lw=0.8)
-        ax_gene.plot(iterations, np.nanmedian(relative, axis=0), color="black", lw=2, label="median")
-        ax_gene.legend(frameon=False, fontsize=8)
+        # a converged gene keeps its last loss: carry it forward so the median covers every gene
+        carried = pd.DataFrame(relative).ffill(axis=1).to_numpy()
+        carried = carried[np.isfinite(carried[:, 0])]
+        if carried.size:
+            ax_gene.plot(iterations, np.median(carried, axis=0), color="black", lw=2, label="median")
+            ax_gene.legend(frameon=False, fontsize=8)
     ax_gene.set_yscale("log")
     ax_gene.set_xlabel("EM iteration")
     ax_gene.set_ylabel("loss / initial loss")
