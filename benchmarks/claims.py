@@ -21,17 +21,17 @@ import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.stats import spearmanr
 
-import velofit as vf  # noqa: E402
-from velofit.core.exact_time import exact_times  # noqa: E402
-from velofit.core.explicit_time import explicit_times  # noqa: E402
-from velofit.core.fit import fit_genes  # noqa: E402
-from velofit.core.hard_em import EMConfig, repression_length  # noqa: E402
-from velofit.core.initialize import gene_statistics  # noqa: E402
-from velofit.core.kinetics import KineticParams  # noqa: E402
+import velofit as vf
+from velofit.core.exact_time import exact_times
+from velofit.core.explicit_time import explicit_times
+from velofit.core.fit import fit_genes
+from velofit.core.hard_em import EMConfig, repression_length
+from velofit.core.initialize import gene_statistics
+from velofit.core.kinetics import KineticParams
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,7 +53,7 @@ def scvelo_data(n_obs: int, n_vars: int, seed: int):
     import scvelo as scv
 
     rng = np.random.default_rng(seed)
-    lognormal = lambda median: list(np.exp(rng.normal(np.log(median), 0.5, n_vars)))  # noqa: E731
+    lognormal = lambda median: list(np.exp(rng.normal(np.log(median), 0.5, n_vars)))
     adata = scv.datasets.simulation(
         n_obs=n_obs, n_vars=n_vars, alpha=lognormal(5.0), beta=lognormal(0.5), gamma=lognormal(0.3),
         switches=list(rng.uniform(0.3, 0.9, n_vars)), t_max=20, noise_level=1, random_seed=seed,
@@ -97,7 +97,7 @@ def claim1_time_given_truth(adata):
         args = (jnp.asarray(mu), jnp.asarray(ms), p, length, jnp.asarray(stats.std_u), jnp.asarray(stats.std_s))
         t_explicit = np.asarray(explicit_times(*args)[0])
         t_exact = np.asarray(exact_times(*args)[0])
-    err = lambda t: float(np.median(np.abs(t - truth["t"][:, None])))  # noqa: E731
+    err = lambda t: float(np.median(np.abs(t - truth["t"][:, None])))
     return err(t_explicit), err(t_exact)
 
 

@@ -17,8 +17,13 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-import velofit.tl as tl
-from velofit._validation import VelofitInputError, VelofitKeyError, VelofitTypeError, check_moments
+from velofit import tl
+from velofit._validation import (
+    VelofitInputError,
+    VelofitKeyError,
+    VelofitTypeError,
+    check_moments,
+)
 from velofit.core import EMConfig, fit_genes
 from velofit.core.fit import STATUS_CONSTANT, STATUS_FEW_CELLS, STATUS_OK
 
@@ -507,7 +512,7 @@ def test_input_never_modified_except_added_keys():
     assert tl.recover_dynamics(adata, **FIT) is None
     assert tl.velocity(adata) is None
     assert_unchanged(adata, before, allow_new_keys=True)
-    assert {"fit_alpha", "fit_status", "velocity_genes", "velocity_genes"} <= set(adata.var.columns)
+    assert {"fit_alpha", "fit_status", "velocity_genes"} <= set(adata.var.columns)
     assert {"fit_t", "velocity", "velocity_u"} <= set(adata.layers.keys())
 
 

@@ -13,8 +13,13 @@ import pytest
 import scipy.sparse as sp
 
 from velofit.core.kinetics import KineticParams, trajectory
-from velofit.datasets import DatasetUnavailableError, pancreas, shared_pancreas_path, simulate
-from velofit.datasets import _pancreas
+from velofit.datasets import (
+    DatasetUnavailableError,
+    _pancreas,
+    pancreas,
+    shared_pancreas_path,
+    simulate,
+)
 
 SHARED_PANCREAS = shared_pancreas_path()
 TRUTH_VAR = ["true_alpha", "true_beta", "true_gamma", "true_t_", "true_scaling"]

@@ -22,7 +22,7 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-import velofit.tl as tl
+from velofit import tl
 
 FIT = {"max_iter": 3, "n_explicit": 1, "progress": False}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -181,7 +180,7 @@ def test_rank_dynamical_genes_per_cluster(adata):
     alpha, beta = var["fit_alpha"], var["fit_beta"] * var["fit_scaling"]
     gamma, t_, scaling = var["fit_gamma"], var["fit_t_"], var["fit_scaling"]
     t = np.asarray(adata.layers["fit_t"][:, g])
-    u = lambda tau, u0, a: u0 * np.exp(-beta * tau) + a / beta * (1 - np.exp(-beta * tau))  # noqa: E731
+    u = lambda tau, u0, a: u0 * np.exp(-beta * tau) + a / beta * (1 - np.exp(-beta * tau))
 
     def s(tau, u0, s0, a):
         c = (a - beta * u0) / (gamma - beta)

@@ -24,9 +24,14 @@ from anndata import AnnData
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import velofit.tl as tl
+from velofit import tl
 from velofit._validation import VelofitInputError, VelofitKeyError
-from velofit.core.fit import STATUS_CONSTANT, STATUS_FEW_CELLS, STATUS_NONFINITE, STATUS_OK
+from velofit.core.fit import (
+    STATUS_CONSTANT,
+    STATUS_FEW_CELLS,
+    STATUS_NONFINITE,
+    STATUS_OK,
+)
 from velofit.core.kinetics import KineticParams, phase_state, trajectory, velocities
 
 MAX_ITER = 3
@@ -256,7 +261,7 @@ def test_fuzz_kernels(tau, u0, s0, alpha, beta, gamma, equal, t_, scaling, dtype
     assert np.all(np.isfinite(u)) and np.all(np.isfinite(s)), (u, s)
     assert np.all(u >= 0)
     # s >= 0 up to rounding of the terms it is made of (float32 cancels visibly at small tau)
-    f = lambda k: np.asarray(a[k], dtype=np.float64)  # noqa: E731
+    f = lambda k: np.asarray(a[k], dtype=np.float64)
     size = f("s0") + (2 * f("alpha") + f("beta") * f("u0")) * f("tau")
     rel = 1e-5 if dt == np.float32 else 1e-12
     assert np.all(s >= -rel * size), (s, size)

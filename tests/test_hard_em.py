@@ -15,7 +15,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from scipy.stats import spearmanr
 
 from velofit.core.fit import fit_genes
@@ -26,7 +25,7 @@ N_GENES, N_CELLS, NOISE = 20, 500, 0.05
 _traj = jax.jit(trajectory)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def simulate(n_genes=N_GENES, n_cells=N_CELLS, noise=NOISE, seed=0):
     """Moments from the model with known parameters, one clock per gene, plus Gaussian noise.
 
@@ -52,7 +51,7 @@ def simulate(n_genes=N_GENES, n_cells=N_CELLS, noise=NOISE, seed=0):
     return mu, ms, t, dict(alpha=alpha, beta=beta, gamma=gamma, t_=t_)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_fit():
     mu, ms, _, _ = simulate()
     return fit_genes(mu, ms)
@@ -156,7 +155,7 @@ def test_float32_input_equals_float64_input():
     assert_same_fit(base_fit(), fit32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def one_gene_per_chunk_fit():
     mu, ms, _, _ = simulate()
     return fit_genes(mu, ms, chunk_size=1)

@@ -11,18 +11,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from scipy.stats import spearmanr
 
-import velofit as vf  # noqa: E402
-from velofit.core import shared_time as st  # noqa: E402
-from velofit.pl._time import loglik, posterior, time_prior  # noqa: E402
-from velofit.tl._latent_time import latent_time  # noqa: E402
-from velofit.tl._shared import recover_dynamics_shared  # noqa: E402
+import velofit as vf
+from velofit.core import shared_time as st
+from velofit.pl._time import loglik, posterior, time_prior
+from velofit.tl._latent_time import latent_time
+from velofit.tl._shared import recover_dynamics_shared
 
 N_OBS, N_VARS, N_GRID = 300, 20, 100
 T_MAX = 20.0
@@ -38,7 +38,7 @@ def emulated_per_gene_fit(adata, seed: int) -> None:
     rng = np.random.default_rng(seed)
     v = adata.var
     k = np.exp(rng.uniform(-0.7, 0.7, adata.n_vars))
-    jitter = lambda: np.exp(0.1 * rng.standard_normal(adata.n_vars))  # noqa: E731
+    jitter = lambda: np.exp(0.1 * rng.standard_normal(adata.n_vars))
     alpha, beta, gamma = v["true_alpha"] / k * jitter(), v["true_beta"] / k * jitter(), v["true_gamma"] / k * jitter()
     t_ = v["true_t_"] * k * jitter()
     theta = jnp.asarray(np.stack([np.log(alpha), np.log(beta), np.log(gamma), np.log(t_), np.zeros(adata.n_vars), np.zeros(adata.n_vars)]))

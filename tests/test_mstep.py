@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from velofit.core.kinetics import KineticParams, trajectory
-from velofit.core.mstep import GeneData, gene_loss, levenberg_marquardt, params_from_log, residuals
+from velofit.core.mstep import (
+    GeneData,
+    gene_loss,
+    levenberg_marquardt,
+    params_from_log,
+    residuals,
+)
 
 N_GENES, N_CELLS = 4, 300
 #: alpha, beta, gamma, t_, scaling of the generating model, one column per gene
@@ -119,7 +125,7 @@ def test_recovers_parameters_from_noisy_data_close_to_truth():
     assert np.all(np.asarray(loss) <= np.asarray(_loss(jnp.asarray(theta_true), t, data)) * 1.05)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _noisy():
     """A noisy problem shared by tests (built lazily, inside the float64 scope)."""
     return _problem(noise=0.1, seed=11)

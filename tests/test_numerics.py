@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from anndata import AnnData
 
-import velofit.tl as tl
+from velofit import tl
 from velofit.core.fit import STATUS_OK
 from velofit.core.initialize import masked_quantile
 from velofit.core.kinetics import KineticParams, phase_state, trajectory, velocities
@@ -191,7 +191,7 @@ _vel = jax.jit(velocities)
 def _grid():
     rng = np.random.default_rng(5)
     n = 4096
-    log_uniform = lambda lo, hi: 10.0 ** rng.uniform(lo, hi, n)  # noqa: E731
+    log_uniform = lambda lo, hi: 10.0 ** rng.uniform(lo, hi, n)
     beta = log_uniform(-6, 3)
     gamma = np.where(rng.random(n) < 0.2, beta, log_uniform(-6, 3))
     return {

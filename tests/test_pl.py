@@ -8,17 +8,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from matplotlib.collections import LineCollection  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.neighbors import NearestNeighbors  # noqa: E402
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from sklearn.neighbors import NearestNeighbors
 
-import velofit as vf  # noqa: E402
-from velofit.pl._embedding import velocity_on_grid  # noqa: E402
-
+import velofit as vf
+from velofit.pl._embedding import velocity_on_grid
 
 N_OBS, N_VARS = 300, 20
 

@@ -91,7 +91,7 @@ def test_grid_distances_equal_direct_sum_and_do_not_depend_on_chunks():
         direct += (xu[:, g, None] - m_u[None, :, g]) ** 2 / var_u[g] + (xs[:, g, None] - m_s[None, :, g]) ** 2 / var_s[g]
     np.testing.assert_allclose(np.asarray(dist), direct, rtol=1e-9, atol=1e-8)
     chunked = st.prepare_data(mu, ms, chunk_size=7)  # 3 chunks, 1 padding gene
-    pad = lambda a, fill: jnp.concatenate([a, jnp.full(a.shape[:-1] + (1,), fill)], axis=-1)  # noqa: E731
+    pad = lambda a, fill: jnp.concatenate([a, jnp.full(a.shape[:-1] + (1,), fill)], axis=-1)
     dist_c, _ = jax.jit(st.grid_distances)(pad(theta, 0.0), pad(var_u, 1.0), pad(var_s, 1.0), chunked, grid)
     np.testing.assert_allclose(np.asarray(dist_c), np.asarray(dist), rtol=1e-11, atol=1e-9)
 

@@ -14,7 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from velofit.core.exact_time import exact_times, grid_search_phase, local_times, refine_newton
+from velofit.core.exact_time import (
+    exact_times,
+    grid_search_phase,
+    local_times,
+    refine_newton,
+)
 from velofit.core.explicit_time import explicit_times, invert_phase
 from velofit.core.kinetics import KineticParams, phase_state, switch_state, trajectory
 

@@ -9,7 +9,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ def _summary(adata: AnnData, source: str | None) -> str:
         used = {k: v for k, v in settings.items() if k not in ("loss_per_iteration", "velofit_version")}
         rows.append(("recover_dynamics parameters", ", ".join(f"{k}={_short(v)}" for k, v in used.items())))
         rows.append(("fitted with velofit", settings.get("velofit_version", "unknown")))
-    rows.append(("report made", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
+    rows.append(("report made", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")))
     versions = ", ".join(f"{name} {_version(name)}" for name in _PACKAGES)
     rows.append(("versions (report)", versions))
     body = _table(rows)

@@ -2,7 +2,14 @@
 
 from .fit import GeneFit, fit_genes
 from .hard_em import EMConfig, EMState
-from .kinetics import KineticParams, phase_state, spliced, trajectory, unspliced, velocities
+from .kinetics import (
+    KineticParams,
+    phase_state,
+    spliced,
+    trajectory,
+    unspliced,
+    velocities,
+)
 
 __all__ = [
     "EMConfig",

@@ -270,7 +270,7 @@ def shared_times(theta, var_u, var_s, data: SharedData, grid, n_newton: int = 3)
         cand = jnp.clip(t + jnp.clip(newton, -radius, radius), lo, hi)
         c_terms = _time_terms(cand, theta, var_u, var_s, data)
         accept = c_terms[0] < f
-        pick = lambda new, old: jnp.where(accept, new, old)  # noqa: E731
+        pick = lambda new, old: jnp.where(accept, new, old)
         radius = jnp.where(accept | jnp.isinf(f), radius, 0.25 * radius)
         return pick(cand, t), tuple(map(pick, c_terms, (f, g, h))), radius
 

@@ -38,7 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .shared_time import ALIGN_DIRECTIONS, FULL_DIRECTIONS, SharedData, _time_terms, grid_distances, predict
+from .shared_time import (
+    ALIGN_DIRECTIONS,
+    FULL_DIRECTIONS,
+    SharedData,
+    _time_terms,
+    grid_distances,
+    predict,
+)
 
 #: Largest change of each theta row in one LM step (log rates: a factor of e; t0: 0.2).
 _STEP_CAP = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.2])

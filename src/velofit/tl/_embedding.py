@@ -240,7 +240,7 @@ def fitted_params(adata: AnnData, genes: np.ndarray) -> KineticParams:
     ``beta`` in scaled-unspliced units (``fit_beta * fit_scaling``).
     """
     var = adata.var.iloc[np.asarray(genes)]
-    column = lambda key: var[key].to_numpy(dtype=np.float64)  # noqa: E731
+    column = lambda key: var[key].to_numpy(dtype=np.float64)
     scaling = column("fit_scaling")
     return KineticParams(
         column("fit_alpha"), column("fit_beta") * scaling, column("fit_gamma"), column("fit_t_"), scaling

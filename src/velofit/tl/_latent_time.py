@@ -252,7 +252,7 @@ def per_gene_inputs(adata: AnnData, genes: np.ndarray, mu: np.ndarray, ms: np.nd
     clock of ``layers["fit_t"]``, ``(n_obs, n)`` times and boolean weights.
     """
     var = adata.var.iloc[genes]
-    col = lambda key: var[key].to_numpy(dtype=np.float64)  # noqa: E731
+    col = lambda key: var[key].to_numpy(dtype=np.float64)
     params = np.stack(
         [col("fit_alpha"), col("fit_beta") * col("fit_scaling"), col("fit_gamma"), col("fit_t_"), col("fit_scaling")]
     )

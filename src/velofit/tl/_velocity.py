@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 from anndata import AnnData
 
-from .._validation import VelofitInputError, VelofitKeyError, check_adata, check_bool, check_key, check_number
+from .._validation import (
+    VelofitInputError,
+    VelofitKeyError,
+    check_adata,
+    check_bool,
+    check_key,
+    check_number,
+)
 from ..core.kinetics import KineticParams, velocities
 from ._recover_dynamics import DEFAULT_MIN_LIKELIHOOD, select_velocity_genes
 
