@@ -23,11 +23,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from ._validation import (
-    VelofitInputError,
-    VelofitKeyError,
     _check_numeric_dtype,
     _check_values,
-    check_key,
+    moments_layer,
 )
 
 #: Most bytes of raw layer data one block read from disk may hold.
@@ -48,16 +46,7 @@ class LayerColumns:
     """
 
     def __init__(self, adata: AnnData, layer: str, genes: np.ndarray) -> None:
-        check_key("layer", layer)
-        if layer not in adata.layers:
-            present = ", ".join(sorted(adata.layers.keys())) or "none"
-            raise VelofitKeyError(
-                f"layer {layer!r} not found (layers present: {present}); run velofit.pp.moments(adata) "
-                f"to compute 'Ms'/'Mu', or pass spliced_layer=/unspliced_layer= naming your layers"
-            )
-        matrix = adata.layers[layer]
-        if tuple(matrix.shape) != tuple(adata.shape):
-            raise VelofitInputError(f"layer {layer!r} has shape {tuple(matrix.shape)}, expected {adata.shape}")
+        matrix = moments_layer(adata, layer)
         _check_numeric_dtype(np.dtype(matrix.dtype), f"layer {layer!r}")
         if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
             matrix = matrix.tocsc()  # COO/DOK/LIL cannot be sliced by column

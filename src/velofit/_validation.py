@@ -327,6 +327,33 @@ def _check_values(values: np.ndarray, what: str, names: Sequence[str]) -> None:
         )
 
 
+def moments_layer(adata: AnnData, layer: str):
+    """The layer ``layer`` of ``adata``, checked to exist and to have the AnnData's shape.
+
+    Parameters
+    ----------
+    adata
+        Annotated data.
+    layer
+        Layer name (e.g. ``"Ms"``).
+
+    Returns
+    -------
+    The layer as stored (dense, sparse, Dask or on-disk array; not copied).
+    """
+    check_key("layer", layer)
+    if layer not in adata.layers:
+        present = ", ".join(sorted(adata.layers.keys())) or "none"
+        raise VelofitKeyError(
+            f"layer {layer!r} not found (layers present: {present}); run velofit.pp.moments(adata) "
+            f"to compute 'Ms'/'Mu', or pass spliced_layer=/unspliced_layer= naming your layers"
+        )
+    matrix = adata.layers[layer]
+    if tuple(matrix.shape) != tuple(adata.shape):
+        raise VelofitInputError(f"layer {layer!r} has shape {tuple(matrix.shape)}, expected {adata.shape}")
+    return matrix
+
+
 def dense_layer(adata: AnnData, layer: str, genes: np.ndarray) -> np.ndarray:
     """A layer's columns as a validated dense float64 array (the AnnData is not modified).
 
@@ -343,16 +370,7 @@ def dense_layer(adata: AnnData, layer: str, genes: np.ndarray) -> np.ndarray:
     -------
     ``(n_obs, len(genes))`` float64 array, finite and non-negative.
     """
-    check_key("layer", layer)
-    if layer not in adata.layers:
-        present = ", ".join(sorted(adata.layers.keys())) or "none"
-        raise VelofitKeyError(
-            f"layer {layer!r} not found (layers present: {present}); run velofit.pp.moments(adata) "
-            f"to compute 'Ms'/'Mu', or pass spliced_layer=/unspliced_layer= naming your layers"
-        )
-    matrix = adata.layers[layer]
-    if matrix.shape != adata.shape:
-        raise VelofitInputError(f"layer {layer!r} has shape {matrix.shape}, expected {adata.shape}")
+    matrix = moments_layer(adata, layer)
     _check_numeric_dtype(np.dtype(matrix.dtype), f"layer {layer!r}")
     if sp.issparse(matrix) and matrix.format not in ("csr", "csc"):
         matrix = matrix.tocsc()

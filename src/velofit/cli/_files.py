@@ -26,6 +26,8 @@ def read_input(path: Path) -> AnnData:
     """
     import anndata
 
+    if not path.is_file():
+        raise CliError(f"input file {str(path)!r} not found")
     try:
         if path.suffix == ".loom":
             read_loom = getattr(getattr(anndata, "io", None), "read_loom", None) or anndata.read_loom

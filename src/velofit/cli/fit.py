@@ -60,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
     Exit status 0.
     """
     source: Path = args.input
-    if not source.is_file():
-        raise CliError(f"input file {str(source)!r} not found")
     if args.in_place:
         if source.suffix != ".h5ad":
             raise CliError(f"--in-place needs an .h5ad input, got {source.name!r}; write to -o OUT.h5ad instead")

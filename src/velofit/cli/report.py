@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import CliError
 from ._files import check_output, read_input
 
 
@@ -45,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
     Exit status 0.
     """
     source: Path = args.input
-    if not source.is_file():
-        raise CliError(f"input file {str(source)!r} not found")
     output = check_output(args.output or source.with_suffix(".html"), overwrite=args.overwrite, suffix=".html")
     adata = read_input(source)
     from .._report import write_report
