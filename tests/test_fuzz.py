@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from _reference import model
 from anndata import AnnData
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,24 +49,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def model(t, alpha, beta, gamma, t_):
-    """NumPy closed form of the two-phase model (independent of velofit's kernels; no JAX compile)."""
-
-    def phase(tau, u0, s0, a):
-        eb, eg = np.exp(-beta * tau), np.exp(-gamma * tau)
-        u = u0 * eb + a / beta * (1 - eb)
-        d = gamma - beta
-        same = np.abs(d) < 1e-12 * beta
-        ratio = np.where(same, -tau * eb, (eg - eb) / np.where(same, 1.0, d))
-        return u, s0 * eg + a / gamma * (1 - eg) + (a - beta * u0) * ratio
-
-    u_, s_ = phase(t_, 0.0, 0.0, alpha)
-    u_on, s_on = phase(np.minimum(t, t_), 0.0, 0.0, alpha)
-    u_off, s_off = phase(np.maximum(t - t_, 0.0), u_, s_, 0.0)
-    on = t < t_
-    return np.where(on, u_on, u_off), np.where(on, s_on, s_off)
 
 
 def _gene(kind: str, n_obs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
