@@ -217,6 +217,8 @@ def test_demo_data_choice_offline(monkeypatch, capsys):
     assert len(notice) == 1 and "download failed" in notice[0]
     args.download = False
     assert _demo_data(args)[1] == "simulated"  # default: no network access attempted
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "no local pancreas data" in notice[0] and "--download" in notice[0]
 
 
 def test_write_atomic_leaves_nothing_on_interrupt(tmp_path):

@@ -111,8 +111,9 @@ def demo_data(args: argparse.Namespace) -> tuple[AnnData, str]:
 
     Returns
     -------
-    The data and its kind, ``"simulated"`` or ``"pancreas"``. A failed download prints one
-    line on stderr and falls back to simulated data.
+    The data and its kind, ``"simulated"`` or ``"pancreas"``. A failed download, or no
+    pancreas data at all without ``--simulate``, prints one line on stderr and falls back to
+    simulated data.
     """
     import velofit as vf
 
@@ -133,6 +134,8 @@ def demo_data(args: argparse.Namespace) -> tuple[AnnData, str]:
     shared = vf.datasets.shared_pancreas_path()
     if shared is not None:
         return vf.datasets.pancreas(shared), "pancreas"
+    print("velofit demo: no local pancreas data (use --download or --pancreas PATH for the real data); "
+          "using the built-in simulator", file=sys.stderr)
     return simulated()
 
 
