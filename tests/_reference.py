@@ -21,3 +21,20 @@ def model(t, alpha, beta, gamma, t_):
     u_off, s_off = phase(np.maximum(t - t_, 0.0), u_, s_, 0.0)
     on = t < t_
     return np.where(on, u_on, u_off), np.where(on, s_on, s_off)
+
+
+def poisson_counts(n_obs: int, n_vars: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
+    """Integer ``(Mu, Ms)`` (int64, tied values) drawn around :func:`model`'s trajectory.
+
+    Returns the generator too, so that callers drawing more from it stay reproducible.
+    """
+    rng = np.random.default_rng(seed)
+    params = (
+        rng.uniform(2, 6, n_vars),
+        rng.uniform(0.5, 2, n_vars),
+        rng.uniform(0.2, 1, n_vars),
+        rng.uniform(3, 6, n_vars),
+    )
+    t = rng.uniform(0, 12, (n_obs, n_vars))
+    u, s = model(t, *params)
+    return rng.poisson(10 * u).astype(np.int64), rng.poisson(10 * s).astype(np.int64), rng

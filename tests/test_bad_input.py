@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from _reference import model
+from _reference import poisson_counts
 from anndata import AnnData
 
 from velofit import tl
@@ -34,18 +34,7 @@ GENES = ["g0", "g1", "g2"]
 
 def simulate(n_obs: int = 40, n_vars: int = 3, seed: int = 0) -> AnnData:
     """Poisson counts around the model's trajectory: integer ``Ms``/``Mu`` layers."""
-    rng = np.random.default_rng(seed)
-    params = (
-        rng.uniform(2, 6, n_vars),
-        rng.uniform(0.5, 2, n_vars),
-        rng.uniform(0.2, 1, n_vars),
-        rng.uniform(3, 6, n_vars),
-        np.ones(n_vars),
-    )
-    t = rng.uniform(0, 12, (n_obs, n_vars))
-    u, s = model(t, *params[:4])
-    mu = rng.poisson(10 * u).astype(np.int64)
-    ms = rng.poisson(10 * s).astype(np.int64)
+    mu, ms, rng = poisson_counts(n_obs, n_vars, seed)
     adata = AnnData(X=ms.astype(np.float32), layers={"Ms": ms, "Mu": mu})
     adata.var_names = [f"g{i}" for i in range(n_vars)]
     adata.obs_names = [f"c{i}" for i in range(n_obs)]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _reference import model
+from _reference import model, poisson_counts
 from anndata import AnnData
 
 from velofit import tl
@@ -46,16 +46,10 @@ def _default_data() -> AnnData:
 
 def _poisson_counts(seed: int = 11) -> AnnData:
     """Integer counts with tied values (the same data as test_determinism's ``simulate(seed=11)``)."""
-    rng = np.random.default_rng(seed)
-    n_vars = 3
-    params = (rng.uniform(2, 6, n_vars), rng.uniform(0.5, 2, n_vars), rng.uniform(0.2, 1, n_vars),
-              rng.uniform(3, 6, n_vars), np.ones(n_vars))
-    t = rng.uniform(0, 12, (N_OBS, n_vars))
-    u, s = model(t, *params[:4])
-    mu = rng.poisson(10 * u).astype(float)
-    ms = rng.poisson(10 * s).astype(float)
+    mu, ms, _ = poisson_counts(N_OBS, 3, seed)
+    mu, ms = mu.astype(float), ms.astype(float)
     adata = AnnData(ms.copy(), layers={"Ms": ms, "Mu": mu})
-    adata.var_names = [f"g{i}" for i in range(n_vars)]
+    adata.var_names = [f"g{i}" for i in range(3)]
     return adata
 
 
