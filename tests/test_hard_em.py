@@ -292,3 +292,50 @@ def test_exact_throughout_and_max_iter():
     cu, cs = (np.asarray(x) for x in _traj(jnp.asarray(fit.t), p))
     d_fit = ((mu / fit.scaling - cu) / std_u) ** 2 + ((ms - cs) / std_s) ** 2
     assert np.all(d_fit <= np.asarray(d_exact) * (1 + 1e-9) + 1e-15)
+
+
+def test_regrouped_rounds_equal_one_uninterrupted_run():
+    """The fit's EM rounds (a few iterations, then unfinished genes regrouped into new
+    chunks) give bitwise what uninterrupted runs of fixed chunks of the same width give.
+
+    (The width itself may change the last bit of a loss: XLA's reduction over cells is
+    ordered by the shape; see test_determinism for the widths that agree bitwise.)
+    """
+    from velofit.core import em_pool
+    from velofit.core.fit import prepare_chunk
+    from velofit.core.hard_em import run_jit
+    from velofit.core.mstep import GeneData
+
+    mu, ms, _, _ = simulate()
+    config, width = EMConfig(max_iter=15, tol=1e-6), 3
+    prep = prepare_chunk(mu, ms, sample=np.arange(N_CELLS))
+    parts = []
+    for start in range(0, N_GENES, width):
+        cols = np.arange(start, min(start + width, N_GENES))
+        pad = np.concatenate([cols, np.full(width - cols.size, cols[0])])
+        with jax.enable_x64(True):
+            data = GeneData(*(jnp.asarray(a[..., pad]) for a in (prep.mu, prep.ms, prep.weights, prep.std_u_ok,
+                                                                   prep.std_s_ok)), jnp.arange(N_CELLS))
+            out, out_trace = run_jit(data, jnp.asarray(prep.theta0[:, pad]), config)
+        parts.append(jax.tree.map(lambda a, k=cols.size: np.asarray(a)[..., :k], (out, out_trace)))
+    state, trace = jax.tree.map(lambda *a: np.concatenate(a, axis=-1), *parts)
+    pool = em_pool.EMPool.create(prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok, prep.theta0,
+                                 config.max_iter)
+    rounds = []
+
+    def recording_map(task, chunks, read, store):
+        rounds.append([c.tolist() for c in chunks])
+        for cols in chunks:
+            store(cols, task(*read(cols)))
+
+    em_pool.run_pool(pool, width, config, "cpu", recording_map)
+    n_iter = np.asarray(state.n_iter)
+    assert len(set(n_iter)) > 2, "the genes should need different numbers of iterations"
+    assert any(len(r) < len(rounds[0]) for r in rounds[1:]), "finished genes should leave the rounds"
+    np.testing.assert_array_equal(pool.theta, np.asarray(state.theta))
+    np.testing.assert_array_equal(pool.t, np.asarray(state.t))
+    np.testing.assert_array_equal(pool.loss, np.asarray(state.loss))
+    np.testing.assert_array_equal(pool.trace, np.asarray(trace))
+    np.testing.assert_array_equal(pool.n_iter, n_iter)
+    np.testing.assert_array_equal(pool.converged, np.asarray(state.converged))
+    assert pool.done.all()

@@ -167,3 +167,41 @@ def test_align_gene_fit_recovers_clock_from_per_gene_clocks():
     assert spearmanr(tau, true_t)[0] > 0.98
     speed_fit = np.exp(np.asarray(theta)[1]) / np.asarray(v["true_beta"])  # beta_clock / beta_true ~ t_max
     assert np.median(np.abs(np.log(speed_fit / T_MAX))) < np.log(1.5)
+
+
+def test_score_terms_equal_autodiff_of_each_gene():
+    """``score_terms``: f'' and sum_g f_g'^2 of the cells' summed residuals, against jax.grad."""
+    adata = simulate(6)
+    mu, ms = adata.layers["Mu"], adata.layers["Ms"]
+    theta = jnp.asarray(true_theta(adata))
+    rng = np.random.default_rng(6)
+    var_u, var_s = jnp.asarray(rng.uniform(0.1, 1, N_VARS)), jnp.asarray(rng.uniform(0.1, 1, N_VARS))
+    data = st.prepare_data(mu, ms, chunk_size=7)  # 3 chunks, 1 padding gene
+    pad = lambda a, fill: jnp.concatenate([a, jnp.full(a.shape[:-1] + (1,), fill)], axis=-1)
+    t = jnp.asarray(np.clip(adata.obs["true_t"].to_numpy() / T_MAX + 0.01, 0.02, 0.98))
+    h, s2 = jax.jit(st.score_terms)(t, pad(theta, 0.0), pad(var_u, 1.0), pad(var_s, 1.0), data)
+    whole = st.prepare_data(mu, ms)
+    xu, xs = jnp.asarray(mu) / whole.std_u, jnp.asarray(ms) / whole.std_s
+
+    def gene_losses(ti, i):  # (n_genes,) residual^2 of cell i at time ti
+        m_u, m_s = st.predict(theta, ti, whole.std_u, whole.std_s)
+        return (xu[i] - m_u) ** 2 / var_u + (xs[i] - m_s) ** 2 / var_s
+
+    cells = np.arange(0, N_OBS, 37)
+    for i in cells:
+        grads = jax.jacfwd(gene_losses)(t[i], i)
+        curv = jax.jacfwd(jax.jacfwd(lambda ti, i=i: jnp.sum(gene_losses(ti, i))))(t[i])
+        np.testing.assert_allclose(float(s2[i]), float(jnp.sum(grads**2)), rtol=1e-8)
+        np.testing.assert_allclose(float(h[i]), float(curv), rtol=1e-8, atol=1e-8)
+
+
+def test_posterior_spread_covers_gene_disagreement():
+    """The reported spread is never below the sandwich spread sqrt(sum_g f_g'^2) / f''."""
+    adata = simulate(7)
+    data, grid, theta, var_u, var_s = perturbed_start(adata, 7, scale=0.3)
+    state, _ = se.run(data, grid, theta, var_u, var_s, se.SoftEMConfig(max_iter=5))
+    mean, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, grid))
+    h, s2 = (np.asarray(a) for a in st.score_terms(jnp.asarray(mean), state.theta, state.var_u, state.var_s, data))
+    ok = h > 0
+    assert ok.mean() > 0.5
+    assert np.all(std[ok] >= np.sqrt(s2[ok]) / h[ok] * (1 - 1e-9))

@@ -1,8 +1,17 @@
 """Fit the per-gene model to moments, chunk by chunk of genes (no AnnData here).
 
-This is the boundary between NumPy and the jitted EM: it picks the genes that can be
-fitted, initialises them, pads each chunk to a fixed width (one compilation serves every
-chunk), runs the EM and turns per-gene failures into status codes.
+This is the boundary between NumPy and the jitted EM. A fit runs in three passes over
+chunks of genes, each padded to one fixed width (one compilation serves every chunk):
+
+1. :func:`prepare_chunk`: cell weights, residual scales, the genes that can be fitted,
+   scVelo's initial parameters, and the moments of the cells the EM iterates on (a seeded
+   subset of at most ``config.n_jacobian_cells``);
+2. the EM of every fittable gene on those cells (:mod:`velofit.core.em_pool`: rounds of a
+   few iterations, unfinished genes regrouped into full chunks between rounds);
+3. :func:`finish_chunk`: every cell timed exactly under the fitted parameters, in blocks of
+   cells (:mod:`velofit.core.programs`), and per-gene failures turned into status codes.
+
+Each chunk of the input is read twice (passes 1 and 3), never the whole matrix at once.
 
 Precision: the per-gene EM runs in float64 throughout, on every device (inputs are
 converted to float64, and ``jax.enable_x64`` is scoped to velofit's own calls: the user's
@@ -13,7 +22,8 @@ the bitwise reproducibility across chunk sizes and backends relies on one precis
 Scale: :func:`fit_columns` reads one chunk of genes at a time through a callback (never a
 full float64 copy of the input), sizes chunks from a memory budget
 (:mod:`velofit.core.memory`), and runs them here or on a ``dask.distributed`` cluster, on
-the CPU or a GPU (:mod:`velofit.core.backends`).
+the CPU or a GPU (:mod:`velofit.core.backends`). Compiled programs are cached on disk
+between processes (:mod:`velofit.core.compile_cache`).
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ import numpy as np
 
 from .._validation import check_fit_options, check_moments
 from .backends import check_backend, map_chunks, resolve_device
-from .hard_em import EMConfig, run_jit
+from .em_pool import EMPool, run_pool
+from .hard_em import EMConfig
 from .initialize import MIN_CELLS, gene_statistics, initial_parameters
 from .memory import (
     DEFAULT_CONFIG,
@@ -40,6 +51,7 @@ from .memory import (
     plan_width,
 )
 from .mstep import GeneData
+from .programs import time_block, times_program
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "ChunkFit", "GeneFit", "default_chunk_size", "fit_chunk", "fit_columns", "fit_genes"]
 
@@ -196,9 +208,11 @@ def fit_columns(
     """Fit the dynamical model to ``n_genes`` genes read chunk by chunk with ``read``.
 
     Only one chunk's input is read at a time (plus those in flight on a cluster), so the
-    input can live on disk or in a Dask array. The result is bitwise the same for every
-    ``chunk_size``/``memory_budget`` giving chunks of at least two genes and for both
-    backends.
+    input can live on disk or in a Dask array; each chunk is read twice (module docstring).
+    Between the reads this process holds the iterated cells of every gene (about
+    ``32 * min(n_cells, config.n_jacobian_cells)`` bytes per gene). The result is bitwise
+    the same for every ``chunk_size``/``memory_budget`` giving chunks of at least two genes
+    and for both backends.
 
     Parameters
     ----------
@@ -223,7 +237,8 @@ def fit_columns(
         Seed of the random subset of cells (``config.n_jacobian_cells``) from which M-step
         directions are computed when there are more cells than that.
     progress
-        Called with the number of genes finished after every chunk.
+        Called with the number of genes whose fit is settled (not fittable, or EM finished)
+        after every chunk of every pass.
     backend
         ``"local"`` (this process) or ``"dask"`` (chunks submitted to ``client``).
     client
@@ -260,16 +275,55 @@ def fit_columns(
         sample = np.sort(rng.choice(n_cells, config.n_jacobian_cells, replace=False))
 
     out = _empty_fit(n_cells, n_genes, config.max_iter)
-
-    def store(cols: np.ndarray, chunk: ChunkFit) -> None:
-        _store(out, cols, chunk)
-        if progress is not None:
-            progress(len(cols))
-
     chunks = [np.arange(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
-    task = partial(fit_chunk, width=width, sample=sample, config=config, device=device)
-    map_chunks(task, chunks, read, store, backend=backend, client=client)
+    run = partial(map_chunks, backend=backend, client=client)
+    # 1. Statistics, initial parameters and the iterated cells of every gene.
+    prepared: dict[int, Prepared] = {}
+
+    def keep(cols: np.ndarray, prep: Prepared) -> None:
+        prepared[int(cols[0])] = prep
+        out.std_u[cols], out.std_s[cols], out.n_cells[cols] = prep.std_u, prep.std_s, prep.n_cells
+        out.status[cols] = prep.status
+        if progress is not None and prep.ok.size < cols.size:
+            progress(cols.size - prep.ok.size)
+
+    run(partial(prepare_chunk, sample=sample), chunks, read, keep)
+    # 2. The EM of every fittable gene, regrouped between rounds (velofit.core.em_pool).
+    preps = [prepared[int(cols[0])] for cols in chunks]
+    pool = EMPool.create(
+        *(np.concatenate([getattr(p, name) for p in preps], axis=-1)
+          for name in ("mu", "ms", "weights", "std_u_ok", "std_s_ok", "theta0")),
+        config.max_iter,
+    )
+    run_pool(pool, width, config, device, _counting(run, pool, progress))
+    # 3. Every cell timed under the fitted parameters, chunk by chunk of the input.
+    offsets = np.cumsum([0] + [p.ok.size for p in preps])
+    position = {int(cols[0]): np.arange(offsets[k], offsets[k + 1]) for k, cols in enumerate(chunks)}
+
+    def read_fit(cols: np.ndarray) -> tuple:
+        genes = position[int(cols[0])]
+        return (*read(cols), prepared[int(cols[0])].ok, pool.theta[:, genes], pool.t[:, genes],
+                pool.trace[:, genes], pool.converged[genes], pool.n_iter[genes])
+
+    task = partial(finish_chunk, width=width, sample=sample, config=config, device=device)
+    run(task, chunks, read_fit, lambda cols, chunk: _store(out, cols, chunk))
     return out
+
+
+def _counting(run: Callable, pool: EMPool, progress: Callable[[int], None] | None) -> Callable:
+    """``run`` that reports genes as their EM finishes."""
+    if progress is None:
+        return run
+
+    def counted(task, chunks, read, store):
+        def store_and_count(cols, result):
+            before = int(np.count_nonzero(pool.done[cols]))
+            store(cols, result)
+            progress(int(np.count_nonzero(pool.done[cols])) - before)
+
+        run(task, chunks, read, store_and_count)
+
+    return counted
 
 
 def _local_footprint(config: EMConfig, device: str, n_cells: int, width: int) -> int:
@@ -297,19 +351,102 @@ def _empty_fit(n_cells: int, n_genes: int, max_iter: int) -> GeneFit:
     )
 
 
-def fit_chunk(
-    mu: np.ndarray, ms: np.ndarray, *, width: int, sample: np.ndarray, config: EMConfig, device: str = "auto"
-) -> ChunkFit:
-    """Fit one chunk of genes (a pure function of its arguments; runs on a Dask worker too).
+@dataclass
+class Prepared:
+    """A chunk's statistics, initial parameters and iterated cells (:func:`prepare_chunk`).
+
+    Attributes
+    ----------
+    std_u, std_s, n_cells, status
+        ``(k,)`` as in :class:`GeneFit` (status before the EM: ``"ok"`` means fittable).
+    ok
+        Positions of the fittable genes.
+    std_u_ok, std_s_ok
+        ``(len(ok),)`` residual scales of those genes.
+    theta0
+        ``(5, len(ok))`` initial log-parameters.
+    mu, ms, weights
+        ``(n_sample, len(ok))`` float64 moments and weights of the iterated cells.
+    """
+
+    std_u: np.ndarray
+    std_s: np.ndarray
+    n_cells: np.ndarray
+    status: np.ndarray
+    ok: np.ndarray
+    std_u_ok: np.ndarray
+    std_s_ok: np.ndarray
+    theta0: np.ndarray
+    mu: np.ndarray
+    ms: np.ndarray
+    weights: np.ndarray
+
+
+def _as_fortran(mu: np.ndarray, ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # One memory layout whatever the storage of the input: NumPy's reductions sum in an order
+    # that depends on it, and the fit must be bitwise the same for every input format.
+    return np.asfortranarray(mu, dtype=np.float64), np.asfortranarray(ms, dtype=np.float64)
+
+
+def _fittable(stats) -> tuple[np.ndarray, np.ndarray]:
+    enough = stats.n_cells >= MIN_CELLS
+    varies = (stats.std_u > 0) & (stats.std_s > 0)
+    status = np.full(stats.n_cells.size, STATUS_FEW_CELLS, dtype=object)
+    status[enough & ~varies] = STATUS_CONSTANT
+    ok = np.flatnonzero(enough & varies)
+    status[ok] = STATUS_OK
+    return status, ok
+
+
+def prepare_chunk(mu: np.ndarray, ms: np.ndarray, *, sample: np.ndarray) -> Prepared:
+    """Statistics, fittable genes, initial parameters and iterated cells of one chunk (pure).
 
     Parameters
     ----------
     mu, ms
-        ``(n_cells, k)`` float64 moments of the chunk's genes, ``k <= width``.
-    width
-        Compiled chunk width (the chunk is padded to it).
+        ``(n_cells, k)`` moments of the chunk's genes.
     sample
-        Sorted cell indices of the M-step's directions.
+        Sorted indices of the cells the EM iterates on.
+
+    Returns
+    -------
+    :class:`Prepared`.
+    """
+    mu, ms = _as_fortran(mu, ms)
+    stats = gene_statistics(mu, ms)
+    status, ok = _fittable(stats)
+    theta0 = np.log(initial_parameters(mu[:, ok], ms[:, ok], _subset(stats, ok))) if ok.size else np.zeros((5, 0))
+    rows = np.ix_(sample, ok)
+    return Prepared(
+        std_u=stats.std_u, std_s=stats.std_s, n_cells=stats.n_cells, status=status, ok=ok,
+        std_u_ok=stats.std_u[ok], std_s_ok=stats.std_s[ok], theta0=theta0,
+        mu=mu[rows], ms=ms[rows], weights=stats.weights[rows].astype(np.float64),
+    )
+
+
+def finish_chunk(
+    mu: np.ndarray, ms: np.ndarray, ok: np.ndarray, theta: np.ndarray, t_sample: np.ndarray, trace: np.ndarray,
+    converged: np.ndarray, n_iter: np.ndarray, *, width: int, sample: np.ndarray, config: EMConfig,
+    device: str = "auto",
+) -> ChunkFit:
+    """Time every cell of one chunk under its fitted parameters and collect its results (pure).
+
+    Parameters
+    ----------
+    mu, ms
+        ``(n_cells, k)`` moments of the chunk's genes.
+    ok
+        Positions of its genes fitted by the EM.
+    theta
+        ``(5, len(ok))`` fitted log-parameters.
+    t_sample
+        ``(n_sample, len(ok))`` times of the iterated cells at the EM's end.
+    trace, converged, n_iter
+        The EM's record of those genes.
+    width
+        Compiled chunk width.
+    sample
+        Sorted indices of the iterated cells.
     config
         EM settings.
     device
@@ -319,45 +456,31 @@ def fit_chunk(
     -------
     :class:`ChunkFit`.
     """
-    # One memory layout whatever the storage of the input: NumPy's reductions sum in an order
-    # that depends on it, and the fit must be bitwise the same for every input format.
-    mu, ms = np.asfortranarray(mu, dtype=np.float64), np.asfortranarray(ms, dtype=np.float64)
-    n_cells, k = mu.shape
+    mu, ms = _as_fortran(mu, ms)
+    n_cells = mu.shape[0]
     stats = gene_statistics(mu, ms)
-    enough = stats.n_cells >= MIN_CELLS
-    varies = (stats.std_u > 0) & (stats.std_s > 0)
-    status = np.full(k, STATUS_FEW_CELLS, dtype=object)
-    status[enough & ~varies] = STATUS_CONSTANT
+    status, _ = _fittable(stats)
+    status[ok] = STATUS_NONFINITE
     chunk = ChunkFit(
         std_u=stats.std_u, std_s=stats.std_s, n_cells=stats.n_cells, status=status, weights=stats.weights > 0,
         ok=np.zeros(0, np.int64), theta=np.zeros((5, 0)), loss=np.zeros(0), converged=np.zeros(0, bool),
         n_iter=np.zeros(0, np.int64), span=np.zeros(0), trace=np.zeros((config.max_iter + 1, 0)),
         t=np.zeros((n_cells, 0)),
     )
-    ok = np.flatnonzero(enough & varies)
     if ok.size == 0:
         return chunk
-
-    theta0 = np.log(initial_parameters(mu[:, ok], ms[:, ok], _subset(stats, ok)))
-    # Pad to the chunk width by repeating the first fittable gene: one compiled shape.
+    # Pad to the chunk width by repeating the first fitted gene: one compiled shape.
     pad = np.concatenate([ok, np.full(width - ok.size, ok[0])])
-    theta0 = np.concatenate([theta0, np.repeat(theta0[:, :1], width - ok.size, axis=1)], axis=1)
-    with jax.enable_x64(True), jax.default_device(resolve_device(device)):
-        gene_data = GeneData(
-            *(jnp.asarray(a[:, pad], dtype=jnp.float64) for a in (mu, ms, stats.weights)),
-            *(jnp.asarray(a[pad], dtype=jnp.float64) for a in (stats.std_u, stats.std_s)),
-            jnp.asarray(sample),
-        )
-        del mu, ms
-        state, trace = run_jit(gene_data, jnp.asarray(theta0, dtype=jnp.float64), config)
-        del gene_data
-        theta = np.exp(np.asarray(state.theta))[:, : ok.size]
-        t = np.asarray(state.t)[:, : ok.size]
-        loss = np.asarray(state.loss)[: ok.size]
-        trace = np.asarray(trace)[:, : ok.size]
-        converged = np.asarray(state.converged)[: ok.size]
-        n_iter = np.asarray(state.n_iter)[: ok.size]
-        del state
+    fill = np.full(width - ok.size, 0)
+    target = resolve_device(device)
+    t_prev = np.full((n_cells, width), np.nan)
+    t_prev[sample] = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
+    with jax.enable_x64(True), jax.default_device(target):
+        std_u, std_s = (jnp.asarray(a[pad], dtype=jnp.float64) for a in (stats.std_u, stats.std_s))
+        theta_pad = jnp.asarray(np.concatenate([theta, theta[:, fill]], axis=1), dtype=jnp.float64)
+        t, loss = _assign_times(theta_pad, t_prev, (mu, ms, stats.weights), pad, std_u, std_s, config, target)
+    del t_prev
+    theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
 
     finite = np.all(np.isfinite(theta), axis=0) & np.all(np.isfinite(t), axis=0) & np.isfinite(loss)
     chunk.status[ok[finite]] = STATUS_OK
@@ -370,6 +493,65 @@ def fit_chunk(
         trace[:, finite], converged[finite], n_iter[finite], span
     )
     return chunk
+
+
+def fit_chunk(
+    mu: np.ndarray, ms: np.ndarray, *, width: int, sample: np.ndarray, config: EMConfig, device: str = "auto"
+) -> ChunkFit:
+    """Fit one chunk of genes on its own: :func:`prepare_chunk`, the EM, :func:`finish_chunk`.
+
+    :func:`fit_columns` runs the same steps over all chunks at once, regrouping genes between
+    EM rounds; every gene's result is bitwise the same either way.
+
+    Parameters
+    ----------
+    mu, ms
+        ``(n_cells, k)`` moments of the chunk's genes, ``k <= width``.
+    width
+        Compiled chunk width (the chunk is padded to it).
+    sample
+        Sorted indices of the cells the EM iterates on.
+    config
+        EM settings.
+    device
+        ``"auto"``, ``"cpu"`` or ``"gpu"``.
+
+    Returns
+    -------
+    :class:`ChunkFit`.
+    """
+    prep = prepare_chunk(mu, ms, sample=sample)
+    pool = EMPool.create(prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok, prep.theta0, config.max_iter)
+    if prep.ok.size:
+        run_pool(pool, width, config, device, map_chunks)
+    return finish_chunk(mu, ms, prep.ok, pool.theta, pool.t, pool.trace, pool.converged, pool.n_iter,
+                        width=width, sample=sample, config=config, device=device)
+
+
+def _assign_times(theta, t_prev, arrays, pad, std_u, std_s, config: EMConfig, device: jax.Device):
+    """Time every cell under the fitted parameters, block by block of one compiled shape.
+
+    ``arrays`` are the chunk's ``(mu, ms, weights)``, read at columns ``pad`` one block at a
+    time. The last block is padded by repeating its first row with weight 0. Returns the
+    ``(n_cells, width)`` times and the ``(width,)`` loss over all cells (block sums added in
+    block order, so it does not depend on the chunk width).
+    """
+    n_cells, width = t_prev.shape
+    block = time_block(n_cells)
+    program = times_program(block, width, config, device)
+    t = np.empty((n_cells, width))
+    loss = np.zeros(width)
+    for start in range(0, n_cells, block):
+        rows = np.arange(start, start + block)
+        rows[rows >= n_cells] = start
+        mu, ms, w = (np.asarray(a[np.ix_(rows, pad)], dtype=np.float64) for a in arrays)
+        w[start + np.arange(block) >= n_cells] = 0.0
+        data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, jnp.arange(block))
+        t_block, loss_block = program(theta, jnp.asarray(t_prev[rows]), data)
+        n = min(block, n_cells - start)
+        t[start : start + n] = np.asarray(t_block)[:n]
+        loss += np.asarray(loss_block)
+    return t, loss
 
 
 def _store(out: GeneFit, cols: np.ndarray, chunk: ChunkFit) -> None:

@@ -59,7 +59,7 @@ class EMConfig(NamedTuple):
     n_explicit: int = 0
     n_lm: int = 2
     n_jacobian_cells: int = 1024
-    tol: float = 1e-4
+    tol: float = 1e-3
     n_grid: int = 32
     n_newton: int = 2
     full_every: int = 4
@@ -105,7 +105,8 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     theta
         ``(5, n_genes)`` log-parameters.
     t_prev
-        ``(n_cells, n_genes)`` previous times, or ``None`` on the first E-step.
+        ``(n_cells, n_genes)`` previous times (``nan`` where a cell has none), or ``None``
+        on the first E-step.
     data
         Observed data.
     exact
@@ -142,9 +143,10 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     if t_prev is not None:
         ru, rs = residuals(theta, t_prev, data)
         dist_prev = ru * ru + rs * rs
-        better = dist <= dist_prev
-        t = jnp.where(better, t, t_prev)
-        dist = jnp.where(better, dist, dist_prev)
+        # A previous time wins only where it is strictly nearer (a NaN previous time never does).
+        keep = (dist_prev < dist) | jnp.isnan(dist)
+        t = jnp.where(keep, t_prev, t)
+        dist = jnp.where(keep, dist_prev, dist)
     return t, jnp.sum(data.weights * dist, axis=0)
 
 
@@ -211,21 +213,43 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=Tru
     )
 
 
-def run(data: GeneData, theta0, config: EMConfig):
-    """Run the two-stage schedule to convergence or ``config.max_iter``, then time every cell.
+class EMCarry(NamedTuple):
+    """Everything the EM loop carries from one iteration to the next.
 
-    The EM iterates on the cells ``data.sample`` (all cells, or a seeded random subset of
-    ``config.n_jacobian_cells`` on large data: five rates per gene are determined long before
-    thousands of cells are used, while the cost of every iteration grows with the cells).
-    A final full exact E-step then assigns every cell its time under the fitted parameters
-    (after local E-steps, see ``config.full_every``, a cell may sit in a local optimum of
-    the other phase), and the returned loss is over all cells (never above the last
-    iteration's when all cells were iterated). scVelo iterates on all cells.
+    Genes that share ``it``, ``exact`` and ``n_exact_done`` follow the same schedule from
+    here on, whichever chunk they started in, so the fit can regroup the genes that have
+    not finished into full chunks between calls of :func:`advance` (a chunk otherwise costs
+    as many iterations as its slowest gene). Every gene's result depends only on its own
+    data, so regrouping does not change it.
+
+    Attributes
+    ----------
+    it
+        ``()`` iterations done.
+    exact
+        ``()`` whether the exact stage has begun.
+    n_exact_done
+        ``()`` exact iterations done.
+    state
+        The :class:`EMState`.
+    trace
+        ``(max_iter + 1, n_genes)`` loss per iteration (``nan`` after a gene's last one).
+    """
+
+    it: jnp.ndarray
+    exact: jnp.ndarray
+    n_exact_done: jnp.ndarray
+    state: EMState
+    trace: jnp.ndarray
+
+
+def start(data: GeneData, theta0, config: EMConfig) -> EMCarry:
+    """The carry before the first iteration: initial parameters and explicit times.
 
     Parameters
     ----------
     data
-        Observed data.
+        Observed data of the iterated cells.
     theta0
         ``(5, n_genes)`` initial log-parameters.
     config
@@ -233,34 +257,38 @@ def run(data: GeneData, theta0, config: EMConfig):
 
     Returns
     -------
-    ``(state, trace)``: the final :class:`EMState` (its ``converged`` refers to the last
-    stage; its ``t`` and ``loss`` cover all cells) and the ``(max_iter + 1, n_genes)`` loss
-    per iteration on the iterated cells (``nan`` after a gene's last iteration).
+    :class:`EMCarry`.
     """
-    n_cells, n_sample = data.mu.shape[0], data.sample.shape[0]
-    if n_sample == n_cells:  # static shapes: the sample is every cell, in order
-        state, trace = _iterate(data, theta0, config)
-        t, loss = e_step(state.theta, state.t, data, True, config)
-        return state._replace(t=t, loss=loss), trace
-    rows = data.sample
-    subset = GeneData(
-        data.mu[rows], data.ms[rows], data.weights[rows], data.std_u, data.std_s,
-        jnp.arange(n_sample, dtype=rows.dtype),
-    )
-    state, trace = _iterate(subset, theta0, config)
-    t, loss = e_step(state.theta, None, data, True, config)
-    return state._replace(t=t, loss=loss), trace
-
-
-def _iterate(data: GeneData, theta0, config: EMConfig):
-    """The EM loop of :func:`run` on the cells of ``data`` (every row is iterated)."""
     state = init(data, theta0)
     trace = jnp.full((config.max_iter + 1, theta0.shape[1]), jnp.nan, theta0.dtype)
     trace = trace.at[0].set(state.loss)
     n_explicit = min(config.n_explicit, config.max_iter)
+    return EMCarry(jnp.int32(0), jnp.asarray(n_explicit == 0), jnp.int32(0), state, trace)
+
+
+def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int):
+    """Run at most ``n_steps`` more iterations of the two-stage schedule.
+
+    Parameters
+    ----------
+    carry
+        From :func:`start` or a previous :func:`advance`.
+    data
+        Observed data of the iterated cells (``data.sample`` as for the M-step).
+    config
+        EM settings (static).
+    n_steps
+        Most iterations in this call (static).
+
+    Returns
+    -------
+    ``(carry, done)``: the new :class:`EMCarry` and the ``(n_genes,)`` genes whose fit is
+    final (the schedule ended, or the gene converged in the exact stage).
+    """
+    n_explicit = min(config.n_explicit, config.max_iter)
     n_exact = config.max_iter - n_explicit
 
-    def cond(carry):
+    def schedule_open(carry):
         it, exact, n_exact_done, st, _ = carry
         stage_open = jnp.where(exact, n_exact_done < n_exact, it < n_explicit)
         return stage_open & ~(exact & jnp.all(st.converged))
@@ -278,12 +306,67 @@ def _iterate(data: GeneData, theta0, config: EMConfig):
         # every gene then gets exact iterations until it converges again.
         switch = ~exact & (n_exact > 0) & ((it >= n_explicit) | jnp.all(st.converged))
         st = st._replace(converged=jnp.where(switch, False, st.converged))
-        return it, exact | switch, n_exact_done, st, tr
+        return EMCarry(it, exact | switch, n_exact_done, st, tr)
 
-    start_exact = jnp.asarray(n_explicit == 0)
-    carry = (jnp.int32(0), start_exact, jnp.int32(0), state, trace)
-    _, _, _, state, trace = jax.lax.while_loop(cond, body, carry)
-    return state, trace
+    stop = carry.it + n_steps
+    carry = jax.lax.while_loop(lambda c: schedule_open(c) & (c.it < stop), body, carry)
+    done = ~schedule_open(carry) | (carry.exact & carry.state.converged)
+    return carry, done
+
+
+def run(data: GeneData, theta0, config: EMConfig):
+    """Run the two-stage schedule on every row of ``data`` to convergence or ``config.max_iter``.
+
+    On large data the rows are a seeded random subset of at most ``config.n_jacobian_cells``
+    cells (drawn by :func:`velofit.core.fit.fit_genes`): five rates per gene are determined
+    long before thousands of cells are used, while the cost of every iteration grows with
+    the cells. Every cell is then timed under the fitted parameters by :func:`assign_times`,
+    in blocks of cells of one compiled shape. scVelo iterates on all cells.
+
+    Parameters
+    ----------
+    data
+        Observed data of the iterated cells (``data.sample`` as for the M-step).
+    theta0
+        ``(5, n_genes)`` initial log-parameters.
+    config
+        EM settings (static).
+
+    Returns
+    -------
+    ``(state, trace)``: the final :class:`EMState` (its ``converged`` refers to the last
+    stage) and the ``(max_iter + 1, n_genes)`` loss per iteration (``nan`` after a gene's
+    last iteration).
+    """
+    carry, _ = advance(start(data, theta0, config), data, config, config.max_iter + 1)
+    return carry.state, carry.trace
+
+
+def assign_times(theta, t_prev, data: GeneData, config: EMConfig):
+    """Final exact time assignment (full grid search and Newton) of a block of cells.
+
+    Parameters
+    ----------
+    theta
+        ``(5, n_genes)`` fitted log-parameters.
+    t_prev
+        ``(n_cells, n_genes)`` times of the last EM iteration, ``nan`` for cells that were
+        not iterated: where finite, a cell keeps it unless the search finds a nearer point,
+        so the loss over the iterated cells never rises above the EM's last one.
+    data
+        Observed data of the block.
+    config
+        EM settings (static; ``n_grid`` and ``n_newton``).
+
+    Returns
+    -------
+    ``(t, loss)``: ``(n_cells, n_genes)`` absolute times and the ``(n_genes,)`` weighted loss
+    of the block.
+    """
+    return e_step(theta, t_prev, data, True, config)
 
 
 run_jit = jax.jit(run, static_argnames=("config",))
+start_jit = jax.jit(start, static_argnames=("config",))
+advance_jit = jax.jit(advance, static_argnames=("config", "n_steps"))
+assign_times_jit = jax.jit(assign_times, static_argnames=("config",))

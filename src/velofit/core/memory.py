@@ -2,8 +2,10 @@
 
 One chunk of ``width`` genes on ``n_cells`` cells needs
 
-- the compiled EM's buffers (XLA's own accounting of the compiled executable: arguments,
-  outputs and temporaries), about ``39 * 8 * n_cells`` bytes per gene on CPU, float64;
+- the buffers of the larger of its two compiled programs (:mod:`velofit.core.programs`: the
+  EM on at most ``config.n_jacobian_cells`` cells, then the final time assignment in blocks
+  of at most 512 cells), by XLA's own accounting of the executable (arguments, outputs and
+  temporaries): about 33 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
 - NumPy arrays on the host while the chunk is read, initialised and written back
   (:data:`HOST_ARRAYS` float64 arrays of ``n_cells x width``, measured with ``tracemalloc``
   in ``tests/test_scale.py``).
@@ -20,20 +22,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
 from .._validation import VelofitInputError
-from .hard_em import EMConfig, run_jit
-from .mstep import GeneData
+from .hard_em import EMConfig
+from .programs import advance_program, start_program, time_block, times_program
 
 #: EM settings used when none are given.
 DEFAULT_CONFIG = EMConfig()
 #: Default memory budget of one chunk's working set, in bytes (2 GiB).
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
-#: float64 arrays of ``n_cells x width`` the compiled EM holds (model; XLA measured about 39).
-XLA_ARRAYS = 44
-#: float64 arrays of ``n_sample x width`` the compiled EM holds for the M-step's cell subset.
-SAMPLE_ARRAYS = 8
+#: float64 arrays of ``n_sample x width`` the compiled programs hold (model; XLA measured 33-36).
+XLA_ARRAYS = 40
 #: float64 arrays of ``n_cells x width`` held on the host by one chunk (model; see module doc).
 HOST_ARRAYS = 14
 #: Every chunk holds at least this many genes (a ``(n_cells, 1)`` chunk rounds differently).
@@ -55,7 +54,7 @@ def bytes_per_gene(n_cells: int, config: EMConfig = DEFAULT_CONFIG) -> int:
     Bytes per gene (float64 throughout).
     """
     n_sample = min(n_cells, config.n_jacobian_cells)
-    return 8 * ((XLA_ARRAYS + HOST_ARRAYS) * n_cells + SAMPLE_ARRAYS * n_sample + 4 * (config.max_iter + 1) + 64)
+    return 8 * (HOST_ARRAYS * n_cells + XLA_ARRAYS * n_sample + 4 * (config.max_iter + 1) + 256)
 
 
 def default_chunk_size(n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES, config: EMConfig = DEFAULT_CONFIG) -> int:
@@ -80,8 +79,8 @@ def default_chunk_size(n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES, c
 def chunk_footprint(n_cells: int, width: int, config: EMConfig, device: jax.Device | None = None) -> int:
     """Bytes one chunk needs: XLA's accounting of the compiled EM plus the host arrays.
 
-    Compiles :func:`velofit.core.hard_em.run_jit` for the chunk's shapes (JAX caches the
-    compilation, so the fit that follows does not compile again).
+    Compiles the chunk's programs (:mod:`velofit.core.programs`; memoised, so the fit that
+    follows does not compile again).
 
     Parameters
     ----------
@@ -98,18 +97,17 @@ def chunk_footprint(n_cells: int, width: int, config: EMConfig, device: jax.Devi
     """
     n_sample = min(n_cells, config.n_jacobian_cells)
     host = 8 * HOST_ARRAYS * n_cells * width
-    with jax.enable_x64(True), jax.default_device(device or jax.devices()[0]):
-        f64 = jnp.float64
-
-        def spec(*shape, dtype=f64):
-            return jax.ShapeDtypeStruct(shape, dtype)
-
-        data = GeneData(spec(n_cells, width), spec(n_cells, width), spec(n_cells, width), spec(width), spec(width),
-                        spec(n_sample, dtype=jnp.int64))
-        compiled = run_jit.lower(data, spec(5, width), config).compile()
+    device = device or jax.devices()[0]
+    programs = (
+        start_program(n_sample, width, config, device),
+        advance_program(n_sample, width, config, device),
+        times_program(time_block(n_cells), width, config, device),
+    )
     try:
-        stats = compiled.memory_analysis()
-        xla = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+        xla = 0
+        for program in programs:  # they run one after the other
+            stats = program.memory_analysis()
+            xla = max(xla, stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
     except (AttributeError, NotImplementedError, TypeError):  # a backend without accounting
         return bytes_per_gene(n_cells, config) * width
     return int(xla + host)

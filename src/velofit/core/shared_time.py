@@ -232,6 +232,41 @@ def _time_terms(t, theta, var_u, var_s, data: SharedData):
     return f, g, h
 
 
+def score_terms(t, theta, var_u, var_s, data: SharedData):
+    """Per cell ``f''(t_i)`` and ``sum_g f_g'(t_i)^2``, with ``f = sum_g f_g`` as in :func:`shared_times`.
+
+    The two halves of the sandwich (robust) variance ``sum_g f_g'^2 / f''^2`` of a cell's
+    time: it grows where the genes pull the cell's time in different directions, whether or
+    not the model's noise level says they should.
+
+    Parameters
+    ----------
+    t
+        ``(n_cells,)`` clock times.
+    theta, var_u, var_s, data
+        As for :func:`shared_times`.
+
+    Returns
+    -------
+    ``(h, s2)``: each ``(n_cells,)``.
+    """
+
+    def body(carry, chunk):
+        h, s2 = carry
+        xu, xs, w, th, vu, vs, su, ss = chunk
+        (mu_, ms_), (du, ds), (d2u, d2s) = _predict_derivatives(th, t[:, None], su, ss)
+        eu, es = xu - mu_, xs - ms_
+        score = -2.0 * w * (eu * du / vu + es * ds / vs)
+        s2 = s2 + jnp.sum(score * score, axis=1)
+        h = h + 2.0 * jnp.sum(w * ((du * du - eu * d2u) / vu + (ds * ds - es * d2s) / vs), axis=1)
+        return (h, s2), None
+
+    zero = jnp.zeros_like(t)
+    chunks = (data.xu, data.xs, data.w) + _chunks(data, theta, var_u, var_s, data.std_u, data.std_s)
+    (h, s2), _ = jax.lax.scan(body, (zero, zero), chunks)
+    return h, s2
+
+
 def shared_times(theta, var_u, var_s, data: SharedData, grid, n_newton: int = 3):
     """Multi-gene exact time (MODEL.md section 3): ``argmin_t sum_g`` weighted residual^2.
 

@@ -42,9 +42,9 @@ from .shared_time import (
     ALIGN_DIRECTIONS,
     FULL_DIRECTIONS,
     SharedData,
-    _time_terms,
     grid_distances,
     predict,
+    score_terms,
 )
 
 #: Largest change of each theta row in one LM step (log rates: a factor of e; t0: 0.2).
@@ -537,10 +537,18 @@ def posterior_moments(q, grid):
 def posterior_spread(state: SoftEMState, data: SharedData, grid):
     """Posterior mean and spread of every cell's time, not floored by the grid spacing.
 
-    With many genes the posterior is often narrower than one grid step, where its grid
-    standard deviation is 0. The spread is therefore the larger of the grid standard
-    deviation and the Laplace one, ``sqrt(2 c_i / f''(mean))`` with ``f`` the cell's summed
-    weighted squared residual (:func:`~velofit.core.shared_time.shared_times`) where ``f'' > 0``.
+    The spread is the largest of three standard deviations:
+
+    - the grid one of the posterior ``q`` (0 when it is narrower than a grid step, as it
+      often is with many genes);
+    - the Laplace one, ``sqrt(2 c_i / f''(mean))``, with ``f`` the cell's summed weighted
+      squared residual (:func:`~velofit.core.shared_time.shared_times`) and ``c_i`` its noise
+      factor;
+    - the sandwich (robust) one, ``sqrt(sum_g f_g'^2) / f''`` over the genes ``g``
+      (:func:`~velofit.core.shared_time.score_terms`). The first two trust the model's
+      independent Gaussian noise; on real data, where neighbouring-cell smoothing makes the
+      genes' errors shared, they are far too narrow, and the sandwich one widens the spread
+      where the genes disagree about the cell's time.
 
     Parameters
     ----------
@@ -556,9 +564,12 @@ def posterior_spread(state: SoftEMState, data: SharedData, grid):
     ``(mean, std)``, each ``(n_cells,)``.
     """
     mean, std = posterior_moments(state.q, grid)
-    _, _, h = _time_terms(mean, state.theta, state.var_u, state.var_s, data)
-    laplace = jnp.where(h > 0, 2.0 * state.cell_scale / jnp.where(h > 0, h, 1.0), 0.0)
-    return mean, jnp.sqrt(jnp.maximum(std * std, laplace))
+    h, s2 = score_terms(mean, state.theta, state.var_u, state.var_s, data)
+    curved = h > 0
+    safe_h = jnp.where(curved, h, 1.0)
+    laplace = jnp.where(curved, 2.0 * state.cell_scale / safe_h, 0.0)
+    sandwich = jnp.where(curved, s2 / (safe_h * safe_h), 0.0)
+    return mean, jnp.sqrt(jnp.maximum(std * std, jnp.maximum(laplace, sandwich)))
 
 
 posterior_spread_jit = jax.jit(posterior_spread)
