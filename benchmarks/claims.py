@@ -281,8 +281,12 @@ def pancreas_stage_order(path: Path, lines: list[str], figures: dict) -> None:
         by_cluster = fitted.obs.groupby("clusters", observed=True)["latent_time"].median()
         gap = float(np.max(np.diff(np.sort(t))))
         width = "—" if std is None else f"{np.median(std):.3g}"
+        spread = "—"
+        if std is not None:
+            std_by_cluster = fitted.obs.assign(std=std).groupby("clusters", observed=True)["std"].median()
+            spread = ", ".join(f"{k} {v:.2g}" for k, v in std_by_cluster.items())
         rows.append(f"| {name} | {rho:.3f} | {width} | {gap:.3f} | {seconds:.0f} | "
-                    + ", ".join(f"{k} {v:.2f}" for k, v in by_cluster.items()) + " |")
+                    + ", ".join(f"{k} {v:.2f}" for k, v in by_cluster.items()) + f" | {spread} |")
         times[name] = (t, std)
         print(rows[-1], flush=True)
 
@@ -314,11 +318,13 @@ def pancreas_stage_order(path: Path, lines: list[str], figures: dict) -> None:
         f"`{path.name}` preprocessed as `benchmarks/bench_recover_dynamics.py` does (2,000 genes, moments "
         f"30 PCs x 30 neighbours); {len(velocity_genes)} scVelo velocity genes. Stage order: Ductal 0 < "
         "Ngn3 low EP 1 < Ngn3 high EP 2 < Pre-endocrine 3 < Alpha/Beta/Delta/Epsilon 4. *std*: median "
-        "posterior standard deviation; *largest gap*: the widest interval of latent time holding no "
+        "posterior standard deviation (the largest of the grid, Laplace and sandwich spreads, "
+        "`velofit.core.soft_em.posterior_spread`); *largest gap*: the widest interval of latent time holding no "
         "cell (a step-like clock has a large one); *s*: fit + latent time, seconds.",
         "",
-        "| mode | Spearman with stage | median std | largest gap | s | median latent time per cluster |",
-        "|---|---|---|---|---|---|",
+        ("| mode | Spearman with stage | median std | largest gap | s | median latent time per cluster "
+         "| median std per cluster |"),
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]

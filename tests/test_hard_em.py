@@ -339,3 +339,16 @@ def test_regrouped_rounds_equal_one_uninterrupted_run():
     np.testing.assert_array_equal(pool.n_iter, n_iter)
     np.testing.assert_array_equal(pool.converged, np.asarray(state.converged))
     assert pool.done.all()
+
+
+def test_written_out_carry_spec_matches_start():
+    from velofit.core import hard_em
+    from velofit.core.programs import _gene_data, carry_spec
+
+    config = EMConfig(max_iter=7)
+    with jax.enable_x64(True):
+        traced = jax.eval_shape(lambda d, th: hard_em.start(d, th, config), _gene_data(40, 3),
+                                jax.ShapeDtypeStruct((5, 3), jnp.float64))
+    assert jax.tree.structure(traced) == jax.tree.structure(carry_spec(40, 3, config))
+    for a, b in zip(jax.tree.leaves(traced), jax.tree.leaves(carry_spec(40, 3, config)), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)

@@ -5,9 +5,12 @@ is therefore compiled once per shape in a process (memoised) and, unless disable
 a cache folder so that the next process on this machine loads it instead of compiling
 (``jax.experimental.serialize_executable``; loading takes well under a second).
 
-The disk key is a SHA-256 of the lowered StableHLO program text, the JAX and XLA versions,
-the platform and device kind and ``XLA_FLAGS``: any change of velofit's code, JAX, or the
-machine's accelerator gives a new key, never a stale executable. The folder is
+The disk key is a SHA-256 of everything the program is made from: the source of every
+velofit module, the function's name, the shapes and dtypes of its arguments and its static
+arguments, JAX's and jaxlib's versions and configuration, the platform and device kind and
+``XLA_FLAGS``. Any change of velofit's code, JAX, or the machine's accelerator gives a new
+key, never a stale executable; and a hit needs no tracing (tracing and lowering the EM take
+several seconds of their own). The folder is
 
 - ``$VELOFIT_CACHE_DIR`` when set (``off``, ``0``, ``false`` or an empty value disable the
   disk cache), else
@@ -27,7 +30,9 @@ folder that cannot be written only costs the saving. The folder is pruned to
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import os
 import pickle
 import tempfile
@@ -85,13 +90,13 @@ def compiled(jitted: Callable, args: tuple, *, static: dict[str, Any], device: j
     """
     specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
     leaves, tree = jax.tree.flatten(specs)
-    memo_key = (jitted, tree, tuple((x.shape, str(x.dtype)) for x in leaves), tuple(sorted(static.items())), device)
+    signature = (tree, tuple((x.shape, str(x.dtype)) for x in leaves), tuple(sorted(static.items())))
+    memo_key = (jitted, *signature, device)
     with _lock:
         executable = _memo.get(memo_key)
         if executable is None:
             with jax.enable_x64(True), jax.default_device(device):
-                lowered = jitted.lower(*specs, **static)
-                executable = _load_or_compile(lowered, device)
+                executable = _load_or_compile(jitted, specs, static, signature, device)
             _memo[memo_key] = executable
     return executable
 
@@ -100,27 +105,51 @@ def _jax_cache_on() -> bool:
     return bool(jax.config.jax_compilation_cache_dir) and bool(jax.config.jax_enable_compilation_cache)
 
 
-def _load_or_compile(lowered: Any, device: jax.Device) -> Any:
+def _load_or_compile(jitted: Callable, specs: tuple, static: dict, signature: tuple, device: jax.Device) -> Any:
     folder = cache_dir()
     if folder is None or _jax_cache_on():
-        return lowered.compile()
-    path = folder / f"{_disk_key(lowered, device)}{_SUFFIX}"
+        return jitted.lower(*specs, **static).compile()
+    path = folder / f"{_disk_key(jitted, signature, device)}{_SUFFIX}"
     try:
         with open(path, "rb") as f:
             payload, in_tree, out_tree = pickle.load(f)
         return _deserialize(payload, in_tree, out_tree, device)
     except Exception:  # noqa: BLE001, S110 - missing, truncated, corrupt or foreign: compile, replace
         pass
-    executable = lowered.compile()
+    executable = jitted.lower(*specs, **static).compile()
     _store(folder, path, executable)
     return executable
 
 
-def _disk_key(lowered: Any, device: jax.Device) -> str:
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """SHA-256 of every velofit module's source (the programs are made from them)."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _disk_key(jitted: Callable, signature: tuple, device: jax.Device) -> str:
+    function = getattr(jitted, "__wrapped__", jitted)
+    config = sorted((k, repr(v)) for k, v in jax.config.values.items() if "cache" not in k and "log" not in k)
     digest = hashlib.sha256()
     for part in (
-        lowered.as_text(),
+        _source_digest(),
+        f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}",
+        repr(signature),
         jax.__version__,
+        _jaxlib_version(),
+        repr(config),
         getattr(device.client, "platform_version", ""),
         device.platform,
         getattr(device, "device_kind", ""),
@@ -131,9 +160,24 @@ def _disk_key(lowered: Any, device: jax.Device) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _prepare_runtime(platform: str) -> None:
+    """Set up what a loaded program calls but only lowering sets up.
+
+    JAX initialises its LAPACK kernels (the M-step's linear solve) when it lowers a program
+    that uses them; a program loaded from disk in a process that lowered none calls them
+    uninitialised and crashes (measured: a segmentation fault). Lowering one tiny solve
+    initialises them for every later program.
+    """
+    spec = jax.ShapeDtypeStruct((2, 2), jax.numpy.float64)
+    with jax.enable_x64(True):
+        jax.jit(jax.numpy.linalg.solve).lower(spec, spec)
+
+
 def _deserialize(payload: bytes, in_tree: Any, out_tree: Any, device: jax.Device) -> Any:
     from jax.experimental.serialize_executable import deserialize_and_load
 
+    _prepare_runtime(device.platform)
     return deserialize_and_load(payload, in_tree, out_tree, backend=device.client, execution_devices=[device])
 
 

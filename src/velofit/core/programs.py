@@ -17,14 +17,20 @@ number of cells.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .compile_cache import compiled
-from .hard_em import EMConfig, advance_jit, assign_times_jit, start, start_jit
+from .hard_em import (
+    EMCarry,
+    EMConfig,
+    EMState,
+    advance_jit,
+    assign_times_jit,
+    start_jit,
+)
 from .mstep import GeneData
 
 #: Cells per block of the final time assignment.
@@ -105,15 +111,36 @@ def advance_program(n_sample: int, width: int, config: EMConfig, device: jax.Dev
     A ``jax.stages.Compiled``.
     """
     data = _gene_data(n_sample, width)
-    return compiled(advance_jit, (_carry_spec(n_sample, width, config), data),
+    return compiled(advance_jit, (carry_spec(n_sample, width, config), data),
                     static={"config": config, "n_steps": ADVANCE_STEPS}, device=device)
 
 
-@functools.lru_cache(maxsize=64)
-def _carry_spec(n_sample: int, width: int, config: EMConfig) -> Any:
-    theta = jax.ShapeDtypeStruct((5, width), jnp.float64)
-    with jax.enable_x64(True):
-        return jax.eval_shape(lambda d, th: start(d, th, config), _gene_data(n_sample, width), theta)
+def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:
+    """Shapes and dtypes of :func:`velofit.core.hard_em.start`'s carry, written out.
+
+    (Tracing ``start`` to learn them costs about a second per process.)
+
+    Parameters
+    ----------
+    n_sample, width
+        Iterated cells and genes per chunk.
+    config
+        EM settings (the length of the trace).
+
+    Returns
+    -------
+    :class:`~velofit.core.hard_em.EMCarry` of ``jax.ShapeDtypeStruct``.
+    """
+    f64, i32 = jnp.float64, jnp.int32
+
+    def spec(shape, dtype=f64):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    state = EMState(
+        theta=spec((5, width)), t=spec((n_sample, width)), loss=spec((width,)), damping=spec((width,)),
+        converged=spec((width,), jnp.bool_), n_iter=spec((width,), i32),
+    )
+    return EMCarry(spec((), i32), spec((), jnp.bool_), spec((), i32), state, spec((config.max_iter + 1, width)))
 
 
 def times_program(block: int, width: int, config: EMConfig, device: jax.Device) -> Any:
