@@ -102,6 +102,37 @@ def test_host_arrays_within_model(data):
     assert peak <= 8 * memory.HOST_ARRAYS * n_cells * N_VARS
 
 
+def test_time_layers_are_float32_rounding_of_the_fit(data, reference):
+    """The written layers are the float64 fit's times in float32 (half the memory).
+
+    The fit stores float32 times and the layer rescales them: two roundings, so up to 2 ulp
+    of the time (``fit_tau_ = t - t_`` keeps that absolute error, on a clock of length 20).
+    """
+    from velofit.core.fit import fit_genes
+
+    genefit = fit_genes(data.layers["Mu"], data.layers["Ms"], CONFIG)
+    align = reference.var["fit_alignment_scaling"].to_numpy()
+    switch = reference.var["fit_t_"].to_numpy()
+    expected = np.where(genefit.fitted, genefit.t, np.nan) * align
+    for key, values in {"fit_t": expected, "fit_tau": np.minimum(expected, switch),
+                        "fit_tau_": np.maximum(expected - switch, 0.0)}.items():
+        layer = reference.layers[key]
+        assert layer.dtype == np.float32 and layer.shape == data.shape
+        np.testing.assert_array_equal(np.isnan(layer), np.isnan(values), err_msg=key)
+        np.testing.assert_allclose(layer, values, rtol=2.5e-7, atol=2 * float(np.spacing(np.float32(20))), err_msg=key)
+
+
+def test_time_layers_of_a_gene_subset(data, reference):
+    """Genes not fitted get nan columns; the fitted ones equal the fit of all genes."""
+    names = list(data.var_names[[4, 1]])
+    out = fit(data, var_names=names)
+    for key in ("fit_t", "fit_tau", "fit_tau_"):
+        layer = out.layers[key]
+        assert layer.dtype == np.float32
+        assert np.all(np.isnan(layer[:, [0, 2, 3, 5]]))
+        assert np.isfinite(layer[:, [1, 4]]).all()
+
+
 def test_budget_sets_chunk_and_results_are_identical(data, reference):
     budget = memory.bytes_per_gene(N_OBS, CONFIG) * 3 + 100
     assert memory.default_chunk_size(N_OBS, budget, CONFIG) == 3

@@ -85,7 +85,10 @@ def test_grid_distances_equal_direct_sum_and_do_not_depend_on_chunks():
     whole = st.prepare_data(mu, ms)
     dist, _ = jax.jit(st.grid_distances)(theta, var_u, var_s, whole, grid)
     m_u, m_s = (np.asarray(m) for m in jax.jit(st.predict)(theta, grid[:, None], whole.std_u, whole.std_s))
-    xu, xs = mu / np.asarray(whole.std_u), ms / np.asarray(whole.std_s)
+    # The stored data: the standardised moments rounded once to float32 (DATA_DTYPE).
+    xu, xs = (np.asarray(x[0], np.float64) for x in (whole.xu, whole.xs))
+    np.testing.assert_allclose(xu, mu / np.asarray(whole.std_u), rtol=2**-24)
+    np.testing.assert_allclose(xs, ms / np.asarray(whole.std_s), rtol=2**-24)
     direct = np.zeros((N_OBS, N_GRID))
     for g in range(N_VARS):  # the cells x grid x genes sum, one gene at a time
         direct += (xu[:, g, None] - m_u[None, :, g]) ** 2 / var_u[g] + (xs[:, g, None] - m_s[None, :, g]) ** 2 / var_s[g]
@@ -181,7 +184,7 @@ def test_score_terms_equal_autodiff_of_each_gene():
     t = jnp.asarray(np.clip(adata.obs["true_t"].to_numpy() / T_MAX + 0.01, 0.02, 0.98))
     h, s2 = jax.jit(st.score_terms)(t, pad(theta, 0.0), pad(var_u, 1.0), pad(var_s, 1.0), data)
     whole = st.prepare_data(mu, ms)
-    xu, xs = jnp.asarray(mu) / whole.std_u, jnp.asarray(ms) / whole.std_s
+    xu, xs = (jnp.asarray(x[0], jnp.float64) for x in (whole.xu, whole.xs))  # the stored data
 
     def gene_losses(ti, i):  # (n_genes,) residual^2 of cell i at time ti
         m_u, m_s = st.predict(theta, ti, whole.std_u, whole.std_s)

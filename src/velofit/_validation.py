@@ -354,8 +354,8 @@ def moments_layer(adata: AnnData, layer: str):
     return matrix
 
 
-def dense_layer(adata: AnnData, layer: str, genes: np.ndarray) -> np.ndarray:
-    """A layer's columns as a validated dense float64 array (the AnnData is not modified).
+def dense_layer(adata: AnnData, layer: str, genes: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    """A layer's columns as a validated dense float array (the AnnData is not modified).
 
     Parameters
     ----------
@@ -365,10 +365,12 @@ def dense_layer(adata: AnnData, layer: str, genes: np.ndarray) -> np.ndarray:
         Layer name.
     genes
         Column indices.
+    dtype
+        Float type of the result (float32 halves the memory where that precision suffices).
 
     Returns
     -------
-    ``(n_obs, len(genes))`` float64 array, finite and non-negative.
+    ``(n_obs, len(genes))`` array of ``dtype``, finite and non-negative.
     """
     matrix = moments_layer(adata, layer)
     _check_numeric_dtype(np.dtype(matrix.dtype), f"layer {layer!r}")
@@ -376,7 +378,7 @@ def dense_layer(adata: AnnData, layer: str, genes: np.ndarray) -> np.ndarray:
         matrix = matrix.tocsc()
     sub = matrix[:, genes]
     values = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    values = np.array(values, dtype=np.float64)  # always a copy: never a view of user data
+    values = np.array(values, dtype=dtype)  # always a copy: never a view of user data
     _check_values(values, f"layer {layer!r}", list(adata.var_names[genes]))
     return values
 

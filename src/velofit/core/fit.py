@@ -204,6 +204,7 @@ def fit_columns(
     backend: str = "local",
     client: Any = None,
     device: str = "auto",
+    times_out: np.ndarray | None = None,
 ) -> GeneFit:
     """Fit the dynamical model to ``n_genes`` genes read chunk by chunk with ``read``.
 
@@ -245,11 +246,19 @@ def fit_columns(
         A ``distributed.Client`` for ``backend="dask"`` (default: the default client).
     device
         ``"auto"`` (a GPU when JAX sees one, else the CPU), ``"cpu"`` or ``"gpu"``.
+    times_out
+        Optional ``(n_cells, n_genes)`` floating-point array that receives every cell's time
+        (``nan`` where a gene is not fitted) and becomes :attr:`GeneFit.t`; e.g. float32 to
+        halve the largest array of an atlas-sized fit (times are computed in float64 and
+        rounded once when stored). Default: a new float64 array.
 
     Returns
     -------
     :class:`GeneFit`.
     """
+    if times_out is not None and (times_out.shape != (n_cells, n_genes) or times_out.dtype.kind != "f"):
+        raise ValueError(f"times_out must be a floating-point array of shape {(n_cells, n_genes)}, "
+                         f"got {times_out.dtype} {times_out.shape}")
     check_fit_options(
         max_iter=config.max_iter, n_explicit=config.n_explicit, tol=config.tol, chunk_size=chunk_size, seed=seed
     )
@@ -274,7 +283,7 @@ def fit_columns(
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n_cells, config.n_jacobian_cells, replace=False))
 
-    out = _empty_fit(n_cells, n_genes, config.max_iter)
+    out = _empty_fit(n_cells, n_genes, config.max_iter, times_out)
     chunks = [np.arange(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
     run = partial(map_chunks, backend=backend, client=client)
     # 1. Statistics, initial parameters and the iterated cells of every gene.
@@ -335,8 +344,11 @@ def _remote_footprint(client: Any, config: EMConfig, device: str, n_cells: int, 
     return client.submit(_local_footprint, config, device, n_cells, width, pure=False).result()
 
 
-def _empty_fit(n_cells: int, n_genes: int, max_iter: int) -> GeneFit:
+def _empty_fit(n_cells: int, n_genes: int, max_iter: int, times: np.ndarray | None = None) -> GeneFit:
     nan = np.full(n_genes, np.nan)
+    if times is None:
+        times = np.empty((n_cells, n_genes))
+    times.fill(np.nan)
     return GeneFit(
         alpha=nan.copy(), beta=nan.copy(), gamma=nan.copy(), t_=nan.copy(), scaling=nan.copy(),
         std_u=nan.copy(), std_s=nan.copy(), loss=nan.copy(),
@@ -344,7 +356,7 @@ def _empty_fit(n_cells: int, n_genes: int, max_iter: int) -> GeneFit:
         converged=np.zeros(n_genes, bool),
         n_iter=np.zeros(n_genes, np.int64),
         trace=np.full((max_iter + 1, n_genes), np.nan),
-        t=np.full((n_cells, n_genes), np.nan),
+        t=times,
         weights=np.zeros((n_cells, n_genes), bool),
         status=np.full(n_genes, STATUS_FEW_CELLS, dtype=object),
         span=nan.copy(),

@@ -26,6 +26,7 @@ array: the squared distances of all cells to all grid points are accumulated as
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -45,17 +46,24 @@ ALIGN_DIRECTIONS = np.array(
 )
 
 
+#: Storage type of the standardised moments (7 significant digits, below any measurement's
+#: precision; half the memory of float64). Every computation upcasts one chunk to float64.
+DATA_DTYPE = np.dtype(np.float32)
+
+
 class SharedData(NamedTuple):
     """Standardised moments in gene chunks (build with :func:`prepare_data`).
 
     Attributes
     ----------
     xu, xs
-        ``(n_chunks, n_cells, chunk)`` ``Mu / std_u`` and ``Ms / std_s``.
+        ``(n_chunks, n_cells, chunk)`` ``Mu / std_u`` and ``Ms / std_s``, stored as
+        :data:`DATA_DTYPE`.
     w
-        ``(n_chunks, n_cells, chunk)`` 0/1 weight of every cell in every gene (0 for padding).
+        ``(n_chunks, n_cells, chunk)`` boolean: the cells each gene is fitted on (``False`` for
+        padding).
     std_u, std_s
-        ``(n_genes_padded,)`` per-gene standard deviations used to standardise.
+        ``(n_genes_padded,)`` per-gene standard deviations used to standardise (float64).
     n_gene
         ``(n_genes_padded,)`` weighted number of cells of each gene.
     n_cell
@@ -76,14 +84,17 @@ class SharedData(NamedTuple):
 
 
 def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) -> SharedData:
-    """Standardise and chunk moments (NumPy in, float64 JAX arrays out; call under x64).
+    """Standardise and chunk moments, one gene chunk at a time (call under x64).
+
+    No full-size float64 copy of the input is made: each chunk of columns is read, converted
+    to float64, standardised and stored (:data:`DATA_DTYPE`).
 
     Parameters
     ----------
     mu, ms
-        ``(n_cells, n_genes)`` unspliced and spliced moments.
+        ``(n_cells, n_genes)`` unspliced and spliced moments (NumPy arrays, any float dtype).
     weights
-        ``(n_cells, n_genes)`` cell weights (default: all ones).
+        ``(n_cells, n_genes)`` boolean cells each gene is fitted on (default: all).
     std_u, std_s
         ``(n_genes,)`` scales (default: the standard deviations over the weighted cells).
     chunk_size
@@ -93,40 +104,89 @@ def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) 
     -------
     :class:`SharedData`; genes beyond ``n_genes`` are padding.
     """
-    mu, ms = np.asarray(mu, np.float64), np.asarray(ms, np.float64)
     n_cells, n_genes = mu.shape
-    w = np.ones_like(mu) if weights is None else np.asarray(weights, np.float64)
-    n = np.maximum(w.sum(axis=0), 1.0)
-
-    def wstd(x):
-        mean = (w * x).sum(axis=0) / n
-        return np.sqrt((w * (x - mean) ** 2).sum(axis=0) / n)
-
-    std_u = wstd(mu) if std_u is None else np.asarray(std_u, np.float64)
-    std_s = wstd(ms) if std_s is None else np.asarray(std_s, np.float64)
-    std_u = np.where(std_u > 0, std_u, 1.0)
-    std_s = np.where(std_s > 0, std_s, 1.0)
     width = max(1, min(chunk_size or n_genes, n_genes))
     n_chunks = -(-n_genes // width)
-    pad = n_chunks * width - n_genes
+    n_padded = n_chunks * width
+    xu = np.zeros((n_chunks, n_cells, width), DATA_DTYPE)
+    xs = np.zeros((n_chunks, n_cells, width), DATA_DTYPE)
+    w = np.zeros((n_chunks, n_cells, width), bool)
+    scales = {"u": np.ones(n_padded), "s": np.ones(n_padded)}
+    given = {"u": std_u, "s": std_s}
+    for k in range(n_chunks):
+        cols = slice(k * width, min((k + 1) * width, n_genes))
+        m = cols.stop - cols.start
+        wk = np.ones((n_cells, m), bool) if weights is None else np.asarray(weights[:, cols]) > 0
+        w[k, :, :m] = wk
+        n = np.maximum(wk.sum(axis=0), 1)
+        for key, source, target in (("u", mu, xu), ("s", ms, xs)):
+            x = np.asarray(source[:, cols], np.float64)
+            if given[key] is None:
+                mean = np.where(wk, x, 0.0).sum(axis=0) / n
+                scale = np.sqrt(np.where(wk, (x - mean) ** 2, 0.0).sum(axis=0) / n)
+            else:
+                scale = np.asarray(given[key], np.float64)[cols]
+            scale = np.where(scale > 0, scale, 1.0)
+            scales[key][cols] = scale
+            target[k, :, :m] = x / scale
+    return _with_weights(xu, xs, w, scales["u"], scales["s"])
 
-    def chunked(x, fill):
-        x = np.concatenate([x, np.full((n_cells, pad), fill)], axis=1)
-        return jnp.asarray(x.reshape(n_cells, n_chunks, width).transpose(1, 0, 2))
 
-    def padded(v, fill):
-        return jnp.asarray(np.concatenate([v, np.full(pad, fill)]))
-
+def _with_weights(xu, xs, w, std_u, std_s) -> SharedData:
+    """Assemble :class:`SharedData` from chunked arrays (``w`` NumPy boolean, scales float64)."""
+    log_scale = (np.log(std_u) + np.log(std_s)).reshape(w.shape[0], w.shape[2])
+    log_jac = np.zeros(w.shape[1])
+    for k in range(w.shape[0]):  # chunk by chunk: no full-size float copy of the weights
+        log_jac += w[k].astype(np.float64) @ log_scale[k]
     return SharedData(
-        xu=chunked(mu / std_u, 0.0),
-        xs=chunked(ms / std_s, 0.0),
-        w=chunked(w, 0.0),
-        std_u=padded(std_u, 1.0),
-        std_s=padded(std_s, 1.0),
-        n_gene=padded(w.sum(axis=0), 0.0),
-        n_cell=jnp.asarray(2.0 * w.sum(axis=1)),
-        log_jac=jnp.asarray(w @ (np.log(std_u) + np.log(std_s))),
+        xu=jnp.asarray(xu),
+        xs=jnp.asarray(xs),
+        w=jnp.asarray(w),
+        std_u=jnp.asarray(std_u, jnp.float64),
+        std_s=jnp.asarray(std_s, jnp.float64),
+        n_gene=jnp.asarray(w.sum(axis=1).reshape(-1), jnp.float64),
+        n_cell=jnp.asarray(2.0 * w.sum(axis=(0, 2))),
+        log_jac=jnp.asarray(log_jac),
     )
+
+
+def reweight(data: SharedData, weights) -> SharedData:
+    """The same standardised data with other fitting cells (no copy of the moments).
+
+    Parameters
+    ----------
+    data
+        Chunked data.
+    weights
+        ``(n_cells, n_genes)`` boolean cells each of the ``n_genes <= n_genes_padded`` genes is
+        fitted on (padding genes keep none).
+
+    Returns
+    -------
+    :class:`SharedData`.
+    """
+    n_chunks, n_cells, width = data.w.shape
+    w = np.zeros((n_cells, n_chunks * width), bool)
+    w[:, : weights.shape[1]] = np.asarray(weights) > 0
+    w = np.ascontiguousarray(w.reshape(n_cells, n_chunks, width).transpose(1, 0, 2))
+    return _with_weights(data.xu, data.xs, w, np.asarray(data.std_u), np.asarray(data.std_s))
+
+
+def upcast_chunk(xu, xs, w, like):
+    """One chunk's stored moments and weights in the computation's float type.
+
+    Parameters
+    ----------
+    xu, xs, w
+        A chunk of :class:`SharedData`'s ``xu``, ``xs`` (:data:`DATA_DTYPE`) and ``w`` (boolean).
+    like
+        An array of the computation's type (float64 under x64).
+
+    Returns
+    -------
+    ``(xu, xs, w)`` of ``like``'s dtype.
+    """
+    return xu.astype(like.dtype), xs.astype(like.dtype), w.astype(like.dtype)
 
 
 def _chunks(data: SharedData, *per_gene):
@@ -198,6 +258,7 @@ def grid_distances(theta, var_u, var_s, data: SharedData, grid):
     def body(carry, chunk):
         a, bc, log_det = carry
         xu, xs, w, th, vu, vs, su, ss = chunk
+        xu, xs, w = upcast_chunk(xu, xs, w, su)
         mu_, ms_ = predict(th, grid[:, None], su, ss)  # (n_grid, chunk)
         a = a + jnp.sum(w * (xu * xu / vu + xs * xs / vs), axis=1)
         left = jnp.concatenate([-2.0 * w * xu / vu, -2.0 * w * xs / vs, w], axis=1)
@@ -206,7 +267,7 @@ def grid_distances(theta, var_u, var_s, data: SharedData, grid):
         log_det = log_det + w @ (jnp.log(vu) + jnp.log(vs))
         return (a, bc, log_det), None
 
-    dtype = data.xu.dtype
+    dtype = data.std_u.dtype
     init = (jnp.zeros(n_cells, dtype), jnp.zeros((n_cells, grid.shape[0]), dtype), jnp.zeros(n_cells, dtype))
     chunks = (data.xu, data.xs, data.w) + _chunks(data, theta, var_u, var_s, data.std_u, data.std_s)
     (a, bc, log_det), _ = jax.lax.scan(body, init, chunks)
@@ -219,6 +280,7 @@ def _time_terms(t, theta, var_u, var_s, data: SharedData):
     def body(carry, chunk):
         f, g, h = carry
         xu, xs, w, th, vu, vs, su, ss = chunk
+        xu, xs, w = upcast_chunk(xu, xs, w, su)
         (mu_, ms_), (du, ds), (d2u, d2s) = _predict_derivatives(th, t[:, None], su, ss)
         eu, es = xu - mu_, xs - ms_
         f = f + jnp.sum(w * (eu * eu / vu + es * es / vs), axis=1)
@@ -254,6 +316,7 @@ def score_terms(t, theta, var_u, var_s, data: SharedData):
     def body(carry, chunk):
         h, s2 = carry
         xu, xs, w, th, vu, vs, su, ss = chunk
+        xu, xs, w = upcast_chunk(xu, xs, w, su)
         (mu_, ms_), (du, ds), (d2u, d2s) = _predict_derivatives(th, t[:, None], su, ss)
         eu, es = xu - mu_, xs - ms_
         score = -2.0 * w * (eu * du / vu + es * ds / vs)
@@ -337,6 +400,7 @@ def residual_variances(theta, t, data: SharedData, floor: float = 1e-4):
 
     def body(_, chunk):
         xu, xs, w, th, su, ss = chunk
+        xu, xs, w = upcast_chunk(xu, xs, w, su)
         mu_, ms_ = predict(th, t[:, None], su, ss)
         return None, (jnp.sum(w * (xu - mu_) ** 2, axis=0), jnp.sum(w * (xs - ms_) ** 2, axis=0))
 
@@ -357,7 +421,7 @@ def initial_clock(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     Every gene's time is divided by its largest value over its weighted cells (so it runs
     from 0 at onset to 1, induction before repression); the per-cell median is rescaled to
-    span ``[0, 1]``.
+    span ``[0, 1]``. Computed in blocks of cells (no full-size temporary).
 
     Parameters
     ----------
@@ -370,12 +434,43 @@ def initial_clock(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
     -------
     ``(n_cells,)`` times in ``[0, 1]``.
     """
-    span = np.nanmax(np.where(weights, t_gene, np.nan), axis=0)
+    span = time_spans(t_gene, weights)
     span = np.where(np.isfinite(span) & (span > 0), span, np.nan)
-    norm = np.clip(t_gene / span, 0.0, 1.0)
-    tau = np.nanmedian(norm, axis=1)
+    tau = np.empty(t_gene.shape[0])
+    for rows in _row_blocks(t_gene.shape):
+        norm = np.clip(np.asarray(t_gene[rows], np.float64) / span, 0.0, 1.0)
+        with warnings.catch_warnings():  # a cell without any finite time: nan, filled below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            tau[rows] = np.nanmedian(norm, axis=1)
     tau = np.where(np.isfinite(tau), tau, np.nanmedian(tau))
     return _unit_range(tau)
+
+
+def time_spans(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per gene, the largest time over its weighted cells (``nan`` where it has none).
+
+    Parameters
+    ----------
+    t_gene
+        ``(n_cells, n_genes)`` per-gene times, ``nan`` where unknown.
+    weights
+        ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
+
+    Returns
+    -------
+    ``(n_genes,)`` float64.
+    """
+    span = np.full(t_gene.shape[1], -np.inf)
+    for rows in _row_blocks(t_gene.shape):
+        block = np.where(weights[rows], t_gene[rows], np.nan)
+        span = np.fmax(span, np.max(np.where(np.isnan(block), -np.inf, block), axis=0))
+    return np.where(np.isinf(span), np.nan, span)
+
+
+def _row_blocks(shape: tuple[int, int], target_bytes: int = 64 * 1024**2):
+    """Slices of rows of an ``(n_rows, n_cols)`` array, each about ``target_bytes`` of float64."""
+    step = max(1, target_bytes // (8 * max(shape[1], 1)))
+    return [slice(start, start + step) for start in range(0, shape[0], step)]
 
 
 def _unit_range(x: np.ndarray) -> np.ndarray:
@@ -429,6 +524,7 @@ def fit_clock_maps(shape, span, tau, data: SharedData, n_search: int = 12):
     def loss_of(theta):
         def body(total, chunk):
             xu, xs, w, th, su, ss = chunk
+            xu, xs, w = upcast_chunk(xu, xs, w, su)
             mu_, ms_ = predict(th, tau[:, None], su, ss)
             return total, jnp.sum(w * ((xu - mu_) ** 2 + (xs - ms_) ** 2), axis=0)
 
@@ -489,7 +585,7 @@ def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds
     n_genes, n_padded = params.shape[1], data.std_u.shape[0]
     fill = n_padded - n_genes
     shape = np.concatenate([np.log(params), np.repeat(np.log(params[:, :1]), fill, axis=1)], axis=1)
-    span = np.nanmax(np.where(fit_weights, t_gene, np.nan), axis=0)
+    span = time_spans(t_gene, fit_weights)
     span = np.where(np.isfinite(span) & (span > 0), span, params[3])
     span = np.concatenate([span, np.repeat(span[:1], fill)])
     rows = np.arange(n_cells)

@@ -18,8 +18,8 @@ decreases (the trace is recorded):
 * M, in blocks, each of which maximises or increases the expected complete log-likelihood
   ``Q`` given ``q``: ``c_i`` (closed form), then ``theta`` by Levenberg-Marquardt steps on
   ``sum_ij q_ij ||x_ig - m_g(t_j)||^2 / (c_i var_g)`` computed from per-grid-point sufficient
-  statistics (``sum_i q_ij w / c_i``, ``sum_i q_ij w x / c_i``, ``... x^2``; so its cost does
-  not grow with cells) and kept per gene only if that sum decreases, then ``var`` (closed
+  statistics (``sum_i q_ij w / c_i``, ``sum_i q_ij w x / c_i``, and ``sum_i w x^2 / c_i``; so
+  its cost does not grow with cells) and kept per gene only if that sum decreases, then ``var`` (closed
   form), then ``pi``: a step towards the smoothed Dirichlet-MAP target
   ``K (n_j + a) / (N + T a)`` (``n_j = sum_i q_ij``, ``a`` a pseudo-count, ``K`` a Gaussian
   kernel that keeps the prior from collapsing onto a few grid points), halved until it does
@@ -42,6 +42,7 @@ from .shared_time import (
     ALIGN_DIRECTIONS,
     FULL_DIRECTIONS,
     SharedData,
+    upcast_chunk,
     grid_distances,
     predict,
     score_terms,
@@ -176,14 +177,19 @@ class SoftEMState(NamedTuple):
 
 
 class GridStatistics(NamedTuple):
-    """Sufficient statistics of the M-step, each ``(n_grid, n_genes_padded)``:
-    ``n = sum_i q_ij w_ig / c_i`` and the same with ``x_u``, ``x_s``, ``x_u^2``, ``x_s^2``."""
+    """Sufficient statistics of the M-step.
+
+    ``n``, ``su``, ``ss``: ``(n_grid, n_genes_padded)`` ``sum_i q_ij w_ig / c_i`` and the same
+    with ``x_u``, ``x_s``. ``xx_u``, ``xx_s``: ``(n_genes_padded,)`` ``sum_i w x_u^2 / c_i``
+    and ``sum_i w x_s^2 / c_i`` (every row of ``q`` sums to 1, so the second moments need no
+    grid index: that saves two of the five cells x grid x genes products).
+    """
 
     n: jnp.ndarray
     su: jnp.ndarray
     ss: jnp.ndarray
-    suu: jnp.ndarray
-    sss: jnp.ndarray
+    xx_u: jnp.ndarray
+    xx_s: jnp.ndarray
 
 
 def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard: bool = False, temper=1.0):
@@ -239,17 +245,20 @@ def grid_statistics(q, cell_scale, data: SharedData) -> GridStatistics:
     -------
     :class:`GridStatistics`.
     """
-    qc = (q / cell_scale[:, None]).T
+    inv_c = 1.0 / cell_scale
+    qc = (q * inv_c[:, None]).T
 
     def body(_, chunk):
-        xu, xs, w = chunk
+        xu, xs, w = upcast_chunk(*chunk, qc)
         wu, ws = w * xu, w * xs
-        out = qc @ jnp.concatenate([w, wu, ws, wu * xu, ws * xs], axis=1)
-        return None, out.reshape(out.shape[0], 5, -1)
+        first = qc @ jnp.concatenate([w, wu, ws], axis=1)
+        second = inv_c @ jnp.concatenate([wu * xu, ws * xs], axis=1)
+        return None, (first.reshape(first.shape[0], 3, -1), second.reshape(2, -1))
 
-    _, out = jax.lax.scan(body, None, (data.xu, data.xs, data.w))  # (n_chunks, T, 5, chunk)
-    out = jnp.moveaxis(out, 0, 2).reshape(out.shape[1], 5, -1)
-    return GridStatistics(*(out[:, k] for k in range(5)))
+    _, (first, second) = jax.lax.scan(body, None, (data.xu, data.xs, data.w))  # (n_chunks, T, 3, chunk)
+    first = jnp.moveaxis(first, 0, 2).reshape(first.shape[1], 3, -1)
+    second = jnp.moveaxis(second, 0, 1).reshape(2, -1)
+    return GridStatistics(first[:, 0], first[:, 1], first[:, 2], second[0], second[1])
 
 
 def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, data, grid, directions, n_steps):
@@ -335,8 +344,8 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
     best, _, damping = jax.lax.fori_loop(0, n_steps + 1, one, (best, theta, damping))
     theta, ru, rs = best[:3]
     # Expected squared residuals = grid residuals^2 * var + the within-grid-point scatter.
-    within_u = jnp.sum(jnp.maximum(stats.suu - stats.su * mean_u, 0.0), axis=0)
-    within_s = jnp.sum(jnp.maximum(stats.sss - stats.ss * mean_s, 0.0), axis=0)
+    within_u = jnp.maximum(stats.xx_u - jnp.sum(stats.su * mean_u, axis=0), 0.0)
+    within_s = jnp.maximum(stats.xx_s - jnp.sum(stats.ss * mean_s, axis=0), 0.0)
     e_u = jnp.sum(ru * ru, axis=0) * var_u + within_u
     e_s = jnp.sum(rs * rs, axis=0) * var_s + within_s
     return theta, damping, e_u, e_s

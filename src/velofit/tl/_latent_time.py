@@ -113,13 +113,12 @@ def latent_time(
         info = {"mode": "shared", "em": shared["em"], "prior": shared["prior_kind"]}
     else:
         genes = _fitted_genes(out)
-        mu, ms = (dense_layer(out, layers[k], genes) for k in (1, 0))
-        inputs = per_gene_inputs(out, genes, mu, ms)
         config = se.SoftEMConfig(mode="align", prior=prior, max_iter=max_iter, **annealing(genes.size))
         with jax.enable_x64(True):
-            data = st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
+            data, *inputs = shared_inputs(out, genes, layers)
             grid = jnp.linspace(0.0, 1.0, n_grid)
             theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs)
+            del inputs
             state, trace = se.run(data, grid, theta, var_u, var_s, config)
             clock, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, grid))
             q, log_pi, cell_noise = (np.asarray(a) for a in (state.q, state.log_pi, state.cell_scale))
@@ -242,23 +241,44 @@ def chunk_width(n_cells: int, n_genes: int) -> int:
     return max(1, -(-n_genes // n_chunks))
 
 
-def per_gene_inputs(adata: AnnData, genes: np.ndarray, mu: np.ndarray, ms: np.ndarray):
-    """Per-gene parameters, times and fitting cells of ``genes`` from a per-gene fit.
+def shared_inputs(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
+    """The chunked data of ``genes`` and their per-gene fit, as the shared clock takes them.
+
+    Memory: the moments are read once as float32 (their storage type in
+    :class:`~velofit.core.shared_time.SharedData`) and dropped once chunked; the fitting
+    cells are found gene chunk by gene chunk. Call under x64.
+
+    Parameters
+    ----------
+    adata
+        Data after a per-gene fit.
+    genes
+        Positions of the fitted genes.
+    layers
+        ``(spliced, unspliced)`` layer names.
 
     Returns
     -------
-    ``(params, t_gene, fit_weights)`` as :func:`velofit.core.shared_time.align_gene_fit`
-    takes them: ``(5, n)`` ``alpha, beta (scaled units), gamma, t_, scaling`` on the aligned
-    clock of ``layers["fit_t"]``, ``(n_obs, n)`` times and boolean weights.
+    ``(data, params, t_gene, fit_weights)``: :class:`~velofit.core.shared_time.SharedData`;
+    ``(5, n)`` ``alpha, beta (scaled units), gamma, t_, scaling`` on the aligned clock of
+    ``layers["fit_t"]``; ``(n_obs, n)`` float32 times and boolean fitting cells (the inputs of
+    :func:`velofit.core.shared_time.align_gene_fit`).
     """
+    mu, ms = (dense_layer(adata, layers[k], genes, dtype=np.float32) for k in (1, 0))
+    width = chunk_width(*mu.shape)
+    fit_weights = np.empty(mu.shape, bool)
+    for start in range(0, genes.size, width):
+        cols = slice(start, start + width)
+        fit_weights[:, cols] = gene_statistics(mu[:, cols], ms[:, cols]).weights > 0
+    data = st.prepare_data(mu, ms, chunk_size=width)
+    del mu, ms
     var = adata.var.iloc[genes]
     col = lambda key: var[key].to_numpy(dtype=np.float64)
     params = np.stack(
         [col("fit_alpha"), col("fit_beta") * col("fit_scaling"), col("fit_gamma"), col("fit_t_"), col("fit_scaling")]
     )
-    t_gene = np.asarray(adata.layers["fit_t"][:, genes], np.float64)
-    weights = gene_statistics(mu, ms).weights > 0
-    return params, t_gene, weights
+    t_gene = np.asarray(adata.layers["fit_t"][:, genes], np.float32)
+    return data, params, t_gene, fit_weights
 
 
 def stored_shared_fit(adata: AnnData) -> dict | None:
@@ -276,7 +296,7 @@ def stored_shared_fit(adata: AnnData) -> dict | None:
 
 def _posterior_of_shared_fit(adata: AnnData, shared: dict, layers: tuple[str, str]):
     genes = adata.var_names.get_indexer(np.asarray(shared["genes"]).astype(str))
-    mu, ms = (dense_layer(adata, layers[k], genes) for k in (1, 0))
+    mu, ms = (dense_layer(adata, layers[k], genes, dtype=np.float32) for k in (1, 0))
     grid = np.asarray(shared["time_grid"], np.float64)
     n = genes.size
     with jax.enable_x64(True):

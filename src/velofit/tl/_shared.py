@@ -11,24 +11,23 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .._heap import release_free_memory
 from .._validation import (
     VelofitInputError,
     check_adata,
     check_bool,
     check_int,
     check_number,
-    dense_layer,
 )
 from ..core import shared_time as st
 from ..core import soft_em as se
-from ..core.initialize import gene_statistics
 from ._latent_time import (
     DEFAULT_N_GRID,
     _fitted_genes,
     _layers,
     annealing,
     chunk_width,
-    per_gene_inputs,
+    shared_inputs,
     write_latent_time,
 )
 from ._recover_dynamics import (
@@ -36,6 +35,7 @@ from ._recover_dynamics import (
     DEFAULT_T_MAX,
     recover_dynamics,
     select_velocity_genes,
+    write_time_layers,
 )
 
 #: EM iterations of the shared fit.
@@ -133,15 +133,15 @@ def recover_dynamics_shared(
     out.uns.get("velofit", {}).pop("shared_fit", None)
     layers = _layers(out, spliced_layer, unspliced_layer)
     genes = _fitted_genes(out)
-    mu, ms = (dense_layer(out, layers[k], genes) for k in (1, 0))
-    inputs = per_gene_inputs(out, genes, mu, ms)
     config = se.SoftEMConfig(
         mode="full", prior=prior, hard=em == "hard", max_iter=max_iter, tol=tol, **annealing(genes.size)
     )
     with jax.enable_x64(True):
-        data = st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
+        data, params, t_gene, fit_weights = shared_inputs(out, genes, layers)
         grid = jnp.linspace(0.0, 1.0, n_grid)
-        theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs, seed=seed)
+        theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, t_gene, fit_weights, seed=seed)
+        del t_gene
+        release_free_memory()
         n_steps = config.anneal_steps + max_iter
         with tqdm(total=n_steps, unit="iter", disable=not progress, desc="shared-time EM") as bar:
             state, trace = se.run(data, grid, theta, var_u, var_s, config, progress=bar.update)
@@ -154,9 +154,10 @@ def recover_dynamics_shared(
         if em == "hard":
             clock = st.shared_times_jit(state.theta, state.var_u, state.var_s, data, grid)[0]
         q = state.q
-        fit_data = st.prepare_data(mu, ms, gene_statistics(mu, ms).weights, data.std_u[: genes.size],
-                                   data.std_s[: genes.size], chunk_size=chunk_width(*mu.shape))
+        # Residual variances over each gene's fitting cells (the per-gene fit's definition).
+        fit_data = st.reweight(data, fit_weights)
         fit_var_u, fit_var_s = st.residual_variances_jit(state.theta, clock, fit_data, floor=0.0)
+        del fit_data, fit_weights
         n = genes.size
         theta = np.asarray(state.theta)[:, :n]
         result = {
@@ -219,13 +220,6 @@ def _write_shared_fit(adata: AnnData, genes: np.ndarray, result: dict, clock: np
         column[genes] = values
         adata.var[key] = column
     adata.var["velocity_genes"] = select_velocity_genes(adata, DEFAULT_MIN_LIKELIHOOD)
-    t_gene = t_max * np.maximum(clock[:, None] - t0[None, :], 0.0)
-    switch = (d * t_max)[None, :]
-    for key, values in {
-        "fit_t": t_gene,
-        "fit_tau": np.minimum(t_gene, switch),
-        "fit_tau_": np.maximum(t_gene - switch, 0.0),
-    }.items():
-        layer = np.full(adata.shape, np.nan)
-        layer[:, genes] = values
-        adata.layers[key] = layer
+    write_time_layers(
+        adata, genes, lambda sel: t_max * np.maximum(clock[:, None] - t0[None, sel], 0.0), d * t_max
+    )
