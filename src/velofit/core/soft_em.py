@@ -42,10 +42,10 @@ from .shared_time import (
     ALIGN_DIRECTIONS,
     FULL_DIRECTIONS,
     SharedData,
-    upcast_chunk,
     grid_distances,
     predict,
     score_terms,
+    upcast_chunk,
 )
 
 #: Largest change of each theta row in one LM step (log rates: a factor of e; t0: 0.2).

@@ -26,7 +26,6 @@ from ._latent_time import (
     _fitted_genes,
     _layers,
     annealing,
-    chunk_width,
     shared_inputs,
     write_latent_time,
 )
