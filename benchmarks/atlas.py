@@ -52,6 +52,20 @@ def _worker(args) -> None:
     }))
 
 
+def _watch(proc, cap: float) -> float:
+    """Wait for ``proc`` up to ``cap`` seconds; return its peak RSS in MB (``VmHWM``, read while it runs)."""
+    peak = 0.0
+    deadline = time.perf_counter() + cap
+    while proc.poll() is None and time.perf_counter() < deadline:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            peak = max(peak, int(status.split("VmHWM:")[1].split()[0]) / 1024.0)
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.5)
+    return peak
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=brd.parse_sizes, default=brd.parse_sizes("100000x2000"))
@@ -94,13 +108,19 @@ def main(argv=None) -> None:
             cmd = [sys.executable, __file__, "--worker", "--input", str(path), "--kwargs", json.dumps(MODES[name]),
                    "--result", str(result)]
             start = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.cap, check=False)
+            errors = tmp / "stderr.txt"
+            with open(errors, "w") as err:  # a file, not a pipe: a full pipe would stall the worker
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+                peak = _watch(proc, args.cap)
+            if proc.returncode is None:  # still running at the cap
+                proc.kill()
+                proc.wait()
+                outcome = None
+                note = f"killed after {args.cap:.0f} s; its peak RSS until then {peak:.0f} MB ({peak / input_mb:.1f}x)"
+            else:
                 ok = proc.returncode == 0 and result.exists()
                 outcome = json.loads(result.read_text()) if ok else None
-                note = "" if ok else f"failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
-            except subprocess.TimeoutExpired:
-                outcome, note = None, f"killed after {args.cap:.0f} s"
+                note = "" if ok else f"failed (rc {proc.returncode}): {errors.read_text().strip().splitlines()[-1:]}"
             wall = time.perf_counter() - start
             if outcome:
                 rows.append(f"| {name} | {outcome['seconds']:.0f} | {outcome['peak_mb']:.0f} "
