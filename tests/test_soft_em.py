@@ -208,3 +208,46 @@ def test_posterior_spread_covers_gene_disagreement():
     ok = h > 0
     assert ok.mean() > 0.5
     assert np.all(std[ok] >= np.sqrt(s2[ok]) / h[ok] * (1 - 1e-9))
+
+
+def _moved_switch_start(adata, genes, switch=5.0):
+    """True parameters, except that ``genes`` switch at clock time ``switch`` (beyond its end)."""
+    theta = true_theta(adata)
+    theta[3, genes] = np.log(switch)  # onsets are 0
+    data = st.prepare_data(adata.layers["Mu"], adata.layers["Ms"])
+    grid = jnp.linspace(0.0, 1.0, N_GRID)
+    t = jnp.asarray(adata.obs["true_t"].to_numpy() / T_MAX)
+    var_u, var_s = st.residual_variances_jit(jnp.asarray(true_theta(adata)), t, data)
+    return data, grid, jnp.asarray(theta), var_u, var_s
+
+
+def test_lm_does_not_move_a_switch_beyond_the_clock():
+    """A switch past the clock's end leaves the loss flat in log d: LM must not take noise steps there."""
+    adata = simulate(9)
+    genes = np.arange(0, N_VARS, 4)
+    data, grid, theta, var_u, var_s = _moved_switch_start(adata, genes)
+    state = se.init(data, grid, theta, var_u, var_s, se.SoftEMConfig())
+    stats = se.grid_statistics(state.q, state.cell_scale, data)
+    lm = jax.jit(se.levenberg_marquardt, static_argnames="n_steps")
+    damping = jnp.full(N_VARS, 1e-9)  # the smallest damping turns any noise into a capped step
+    new, _, _, _ = lm(theta, damping, stats, var_u, var_s, data, grid, jnp.eye(6), n_steps=5)
+    np.testing.assert_array_equal(np.asarray(new)[3, genes], np.asarray(theta)[3, genes])
+    others = np.setdiff1d(np.arange(N_VARS), genes)
+    assert np.any(np.asarray(new)[:, others] != np.asarray(theta)[:, others])  # the rest do move
+
+
+def test_soft_em_brings_back_a_switch_from_beyond_the_clock():
+    adata = simulate(9)
+    genes = np.arange(0, N_VARS, 4)
+    data, grid, theta, var_u, var_s = _moved_switch_start(adata, genes)
+    true_switch = adata.var["true_t_"].to_numpy()[genes] / T_MAX
+    assert np.all(true_switch < 0.9)
+    for mode, back in (("full", True), ("align", False)):  # align keeps the kinetic shape
+        state, trace = se.run(data, grid, theta, var_u, var_s, se.SoftEMConfig(max_iter=10, tol=0.0, mode=mode))
+        th = np.asarray(state.theta)
+        switch = th[5, genes] + np.exp(th[3, genes])
+        if back:
+            np.testing.assert_allclose(switch, true_switch, atol=0.05)
+        else:
+            assert np.all(switch > 1.0)
+        assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))

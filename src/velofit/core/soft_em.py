@@ -19,7 +19,9 @@ decreases (the trace is recorded):
   ``Q`` given ``q``: ``c_i`` (closed form), then ``theta`` by Levenberg-Marquardt steps on
   ``sum_ij q_ij ||x_ig - m_g(t_j)||^2 / (c_i var_g)`` computed from per-grid-point sufficient
   statistics (``sum_i q_ij w / c_i``, ``sum_i q_ij w x / c_i``, and ``sum_i w x^2 / c_i``; so
-  its cost does not grow with cells) and kept per gene only if that sum decreases, then ``var`` (closed
+  its cost does not grow with cells) and kept per gene only if that sum decreases (before
+  them, :func:`switch_search` moves a gene's switch to the best of a few clock positions if that
+  lowers the sum: the sum is flat in a switch beyond the clock's end), then ``var`` (closed
   form), then ``pi``: a step towards the smoothed Dirichlet-MAP target
   ``K (n_j + a) / (N + T a)`` (``n_j = sum_i q_ij``, ``a`` a pseudo-count, ``K`` a Gaussian
   kernel that keeps the prior from collapsing onto a few grid points), halved until it does
@@ -55,6 +57,12 @@ _LOG_2PI = float(np.log(2.0 * np.pi))
 _PRIOR_STEPS = np.array([2.0**-k for k in range(8)] + [0.0])
 #: Forward-difference step of the LM Jacobian (theta units).
 _FD_STEP = 1e-7
+#: Relative curvature below which an LM direction counts as flat (forward-difference noise
+#: of the Jacobian is ~1e-16 of the largest curvature).
+_FLAT = 1e-12
+#: Switch positions tried by :func:`switch_search`, as fractions of the way from a gene's
+#: onset to the clock's end.
+_SWITCH_FRACTIONS = np.linspace(0.05, 1.0, 20)
 
 
 class SoftEMConfig(NamedTuple):
@@ -117,6 +125,7 @@ class _Settings(NamedTuple):
     tol: jnp.ndarray
     min_var: jnp.ndarray
     temper: jnp.ndarray
+    search_switch: jnp.ndarray
 
 
 def _settings(config: SoftEMConfig, grid) -> _Settings:
@@ -136,6 +145,7 @@ def _settings(config: SoftEMConfig, grid) -> _Settings:
         tol=jnp.asarray(config.tol, dtype),
         min_var=jnp.asarray(config.min_var, dtype),
         temper=jnp.asarray(1.0, dtype),
+        search_switch=jnp.asarray(config.mode == "full"),
     )
 
 
@@ -261,7 +271,47 @@ def grid_statistics(q, cell_scale, data: SharedData) -> GridStatistics:
     return GridStatistics(first[:, 0], first[:, 1], first[:, 2], second[0], second[1])
 
 
-def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, data, grid, directions, n_steps):
+def switch_search(theta, res, grid):
+    """Move each gene's switch to the best of a few clock positions, if that lowers its loss.
+
+    The loss is flat in ``log d`` while a gene's switch lies beyond the end of the clock (no
+    cell is repressing), so a local step never brings a switch back once it has left; and a
+    switch inside the clock can sit in a local minimum. The candidates put the switch at
+    :data:`_SWITCH_FRACTIONS` of the way from the gene's onset (or the clock's start) to the
+    clock's end, other parameters kept.
+
+    Parameters
+    ----------
+    theta
+        ``(6, n_genes)`` parameters.
+    res
+        Function of ``theta`` giving the grid residuals ``(r_u, r_s)``, each ``(n_grid, n_genes)``.
+    grid
+        Clock times.
+
+    Returns
+    -------
+    ``theta`` with ``log d`` replaced where a candidate has a strictly lower loss.
+    """
+    def loss(th):
+        ru, rs = res(th)
+        return jnp.sum(ru * ru + rs * rs, axis=0)
+
+    t0 = theta[5]
+    start = jnp.clip(t0, grid[0], grid[-1])
+    fractions = jnp.asarray(_SWITCH_FRACTIONS, theta.dtype)[:, None]
+    switch = start + fractions * (grid[-1] - start)
+    log_d = jnp.log(jnp.maximum(switch - t0, 1e-6 * (grid[-1] - grid[0])))  # (n_cand, genes)
+    losses = jax.vmap(lambda ld: loss(theta.at[3].set(ld)))(log_d)
+    best = jnp.argmin(jnp.where(jnp.isfinite(losses), losses, jnp.inf), axis=0)
+    best_loss = jnp.take_along_axis(losses, best[None], axis=0)[0]
+    better = jnp.isfinite(best_loss) & (best_loss < loss(theta))
+    chosen = jnp.take_along_axis(log_d, best[None], axis=0)[0]
+    return theta.at[3].set(jnp.where(better, chosen, theta[3]))
+
+
+def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, data, grid, directions, n_steps,
+                        search_switch=False):
     """LM steps on the expected weighted squared residual, from grid statistics only.
 
     The residuals are ``sqrt(n_j / var) (m(t_j) - xbar_j)`` at the grid points (``xbar_j`` the
@@ -287,6 +337,8 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
         ``(6, n_free)`` matrix whose columns are the directions moved.
     n_steps
         Number of steps (static).
+    search_switch
+        First move each gene's switch by :func:`switch_search` (may be traced).
 
     Returns
     -------
@@ -303,6 +355,7 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
         m_u, m_s = predict(th, grid[:, None], data.std_u, data.std_s)
         return wu * (m_u - mean_u), ws * (m_s - mean_s)
 
+    theta = jnp.where(search_switch, switch_search(theta, res, grid), theta)
     n_free = directions.shape[1]
     eye = jnp.eye(n_free, dtype=theta.dtype)
     cap = jnp.asarray(_STEP_CAP, theta.dtype)[:, None]
@@ -327,8 +380,15 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
         jtj = jnp.einsum("ptg,qtg->gpq", ju, ju) + jnp.einsum("ptg,qtg->gpq", js, js)
         jtr = jnp.einsum("ptg,tg->gp", ju, ru) + jnp.einsum("ptg,tg->gp", js, rs)
         diag = jnp.diagonal(jtj, axis1=1, axis2=2)
-        scale = jnp.maximum(diag, 1e-12 * (1.0 + jnp.max(diag, axis=1, keepdims=True)))
-        scale = jnp.where(diag > 0, scale, 1.0)  # a direction that changes nothing: zero step
+        # A direction whose curvature is below _FLAT of the gene's largest changes nothing but
+        # rounding (e.g. log d of a gene that never switches on the clock): its forward
+        # difference is noise, which a small damping would turn into a capped step that
+        # shrinks every other direction's step with it. Such directions are not moved.
+        largest = jnp.max(diag, axis=1, keepdims=True)
+        moved = diag > _FLAT * largest
+        jtj = jnp.where(moved[:, :, None] & moved[:, None, :], jtj, 0.0)
+        jtr = jnp.where(moved, jtr, 0.0)
+        scale = jnp.where(moved, jnp.maximum(diag, 1e-12 * (1.0 + largest)), 1.0)
         lhs = jtj + (damp[:, None] * scale)[:, :, None] * eye
         factor = jax.scipy.linalg.cho_factor(lhs)
         delta = directions @ jax.scipy.linalg.cho_solve(factor, -jtr[..., None])[..., 0].T
@@ -459,7 +519,8 @@ def _step(state: SoftEMState, data: SharedData, grid, settings: _Settings, n_lm:
     # Block 2, gene parameters: LM on the grid statistics, improving steps only.
     stats = grid_statistics(state.q, c, data)
     theta, damping, e_u, e_s = levenberg_marquardt(
-        state.theta, state.damping, stats, var_u, var_s, data, grid, settings.directions, n_lm
+        state.theta, state.damping, stats, var_u, var_s, data, grid, settings.directions, n_lm,
+        settings.search_switch,
     )
     # Block 3, variances in closed form given theta.
     used = data.n_gene > 0
