@@ -139,6 +139,37 @@ def test_shared_fit_and_latent_time_after_it(fitted, em):
     np.testing.assert_allclose(adata.obs["latent_time"], before, atol=1e-8)
 
 
+def test_subsampled_shared_fit_matches_the_full_one_and_refines_on_all_cells(fitted):
+    true_t = fitted.obs["true_t"].to_numpy()
+    kwargs = dict(per_gene_fit=False, n_grid=N_GRID, max_iter=30, progress=False)
+    full = fitted.copy()
+    recover_dynamics_shared(full, subsample=None, **kwargs)
+    same = fitted.copy()
+    recover_dynamics_shared(same, subsample=N_OBS, **kwargs)  # no more cells than the subset: no subset
+    np.testing.assert_array_equal(same.obs["latent_time"], full.obs["latent_time"])
+    assert "subset_cells" not in same.uns["velofit"]["shared_fit"]
+    runs = []
+    for _ in range(2):
+        sub = fitted.copy()
+        recover_dynamics_shared(sub, subsample=N_OBS // 2, refine_iter=10, seed=3, **kwargs)
+        runs.append(sub)
+    sub = runs[0]
+    np.testing.assert_array_equal(runs[1].obs["latent_time"], sub.obs["latent_time"])  # deterministic
+    fit = sub.uns["velofit"]["shared_fit"]
+    cells = fit["subset_cells"]
+    assert cells.size == N_OBS // 2 and np.all(np.diff(cells) > 0)
+    for trace in (fit["subset_loglik"], fit["loglik"]):  # both phases never decrease
+        assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))
+    assert 1 < fit["loglik"].size <= 11  # the refinement ran on all cells
+    assert sub.uns["recover_dynamics"]["subsample"] == N_OBS // 2
+    assert spearmanr(sub.obs["latent_time"], true_t)[0] > 0.98
+    assert spearmanr(sub.obs["latent_time"], full.obs["latent_time"])[0] > 0.99
+    rel = np.abs(np.log(sub.var["fit_gamma"] / sub.var["fit_beta"]) - np.log(full.var["fit_gamma"] / full.var["fit_beta"]))
+    assert np.median(rel) < 0.05
+    with pytest.raises(ValueError, match="subsample"):
+        recover_dynamics_shared(fitted.copy(), subsample=1, **kwargs)
+
+
 def test_figures(fitted):
     adata = fitted.copy()
     latent_time(adata, n_grid=N_GRID, max_iter=5)

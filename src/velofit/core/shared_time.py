@@ -172,6 +172,25 @@ def reweight(data: SharedData, weights) -> SharedData:
     return _with_weights(data.xu, data.xs, w, np.asarray(data.std_u), np.asarray(data.std_s))
 
 
+def subset_cells(data: SharedData, cells) -> SharedData:
+    """The data of some cells only (same standardisation scales; a copy of those cells).
+
+    Parameters
+    ----------
+    data
+        Chunked data.
+    cells
+        Positions of the cells kept.
+
+    Returns
+    -------
+    :class:`SharedData` of ``len(cells)`` cells.
+    """
+    cells = np.asarray(cells)
+    take = lambda a: np.asarray(a)[:, cells]
+    return _with_weights(take(data.xu), take(data.xs), take(data.w), np.asarray(data.std_u), np.asarray(data.std_s))
+
+
 def upcast_chunk(xu, xs, w, like):
     """One chunk's stored moments and weights in the computation's float type.
 
