@@ -141,7 +141,7 @@ def test_shared_fit_and_latent_time_after_it(fitted, em):
 
 def test_subsampled_shared_fit_matches_the_full_one_and_refines_on_all_cells(fitted):
     true_t = fitted.obs["true_t"].to_numpy()
-    kwargs = dict(per_gene_fit=False, n_grid=N_GRID, max_iter=30, progress=False)
+    kwargs = {"per_gene_fit": False, "n_grid": N_GRID, "max_iter": 30, "progress": False}
     full = fitted.copy()
     recover_dynamics_shared(full, subsample=None, **kwargs)
     same = fitted.copy()
