@@ -11,6 +11,7 @@ import numpy as np
 from anndata import AnnData
 
 from .. import __version__
+from .._io import LayerColumns, layer_readers
 from .._validation import (
     VelofitInputError,
     VelofitKeyError,
@@ -244,9 +245,9 @@ def chunk_width(n_cells: int, n_genes: int) -> int:
 def shared_inputs(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     """The chunked data of ``genes`` and their per-gene fit, as the shared clock takes them.
 
-    Memory: the moments are read once as float32 (their storage type in
-    :class:`~velofit.core.shared_time.SharedData`) and dropped once chunked; the fitting
-    cells are found gene chunk by gene chunk. Call under x64.
+    Memory: the moments are read gene chunk by gene chunk (no copy of the whole layers) and
+    stored in :class:`~velofit.core.shared_time.SharedData`'s float32; the fitting cells are
+    found chunk by chunk too. Call under x64.
 
     Parameters
     ----------
@@ -264,14 +265,13 @@ def shared_inputs(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     ``layers["fit_t"]``; ``(n_obs, n)`` float32 times and boolean fitting cells (the inputs of
     :func:`velofit.core.shared_time.align_gene_fit`).
     """
-    mu, ms = (dense_layer(adata, layers[k], genes, dtype=np.float32) for k in (1, 0))
+    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
     width = chunk_width(*mu.shape)
     fit_weights = np.empty(mu.shape, bool)
     for start in range(0, genes.size, width):
         cols = slice(start, start + width)
         fit_weights[:, cols] = gene_statistics(mu[:, cols], ms[:, cols]).weights > 0
     data = st.prepare_data(mu, ms, chunk_size=width)
-    del mu, ms
     var = adata.var.iloc[genes]
     col = lambda key: var[key].to_numpy(dtype=np.float64)
     params = np.stack(
@@ -279,6 +279,26 @@ def shared_inputs(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     )
     t_gene = np.asarray(adata.layers["fit_t"][:, genes], np.float32)
     return data, params, t_gene, fit_weights
+
+
+class _GeneColumns:
+    """A :class:`~velofit._io.LayerColumns` sliced as ``[:, cols]`` (how the chunked passes read).
+
+    Parameters
+    ----------
+    reader
+        Reader of the selected genes' columns of one layer.
+    """
+
+    def __init__(self, reader: LayerColumns) -> None:
+        self.reader = reader
+        self.shape = (reader.n_obs, reader.genes.size)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        if rows != slice(None):
+            raise IndexError("only whole columns are read")
+        return self.reader(np.arange(self.shape[1])[cols])
 
 
 def stored_shared_fit(adata: AnnData) -> dict | None:

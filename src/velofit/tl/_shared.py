@@ -99,6 +99,8 @@ def recover_dynamics_shared(
         unit of that time), as :func:`recover_dynamics`.
     per_gene_fit
         Run :func:`recover_dynamics` first (``False``: reuse the per-gene fit in ``adata``).
+        Its time layers are freed once read (the shared fit writes its own at the end), so
+        if the shared fit fails, ``adata`` holds the per-gene fit without ``fit_t``.
     subsample
         With more cells than this, the annealing and the ``max_iter`` EM iterations run on
         this many cells drawn at random (``seed``), and ``refine_iter`` iterations on all
@@ -153,8 +155,15 @@ def recover_dynamics_shared(
     config = se.SoftEMConfig(
         mode="full", prior=prior, hard=em == "hard", max_iter=max_iter, tol=tol, **annealing(genes.size)
     )
+    # The per-gene time layers this call wrote are replaced by the shared fit's at the end;
+    # freeing them now keeps their n_obs x n_genes x 3 float32 out of the EM's memory.
+    own_layers = ("fit_t", "fit_tau", "fit_tau_") if per_gene_fit else ()
+    for key in own_layers[1:]:
+        out.layers.pop(key, None)
     with jax.enable_x64(True):
         data, params, t_gene, fit_weights = shared_inputs(out, genes, layers)
+        for key in own_layers[:1]:
+            out.layers.pop(key, None)
         grid = jnp.linspace(0.0, 1.0, n_grid)
         theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, t_gene, fit_weights, seed=seed)
         del t_gene
