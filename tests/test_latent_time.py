@@ -170,6 +170,17 @@ def test_subsampled_shared_fit_matches_the_full_one_and_refines_on_all_cells(fit
         recover_dynamics_shared(fitted.copy(), subsample=1, **kwargs)
 
 
+def test_latent_time_after_per_gene_fit_on_a_subset_of_cells(fitted):
+    true_t = fitted.obs["true_t"].to_numpy()
+    full, sub = fitted.copy(), fitted.copy()
+    latent_time(full, n_grid=N_GRID, max_iter=20, subsample=None)
+    latent_time(sub, n_grid=N_GRID, max_iter=20, subsample=N_OBS // 2, refine_iter=5, seed=1)
+    trace = sub.uns["velofit"]["loglik"]
+    assert 1 < trace.size <= 6 and np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))
+    assert spearmanr(sub.obs["latent_time"], true_t)[0] > 0.98
+    assert spearmanr(sub.obs["latent_time"], full.obs["latent_time"])[0] > 0.99
+
+
 def test_figures(fitted):
     adata = fitted.copy()
     latent_time(adata, n_grid=N_GRID, max_iter=5)

@@ -27,6 +27,10 @@ from ..core.initialize import gene_statistics
 
 #: Grid points of the shared clock.
 DEFAULT_N_GRID = 200
+#: Cells the EM iterates on when the data have more (see :func:`run_subsampled`).
+DEFAULT_SUBSAMPLE = 20_000
+#: EM iterations on all cells after a subsampled EM.
+DEFAULT_REFINE_ITER = 10
 #: Soft-EM iterations of ``latent_time`` after a per-gene fit.
 DEFAULT_MAX_ITER = 50
 #: Annealing iterations before the recorded EM; they start as broad as ~2 genes would make
@@ -45,6 +49,9 @@ def latent_time(
     n_grid: int = DEFAULT_N_GRID,
     prior: str = "learned",
     max_iter: int = DEFAULT_MAX_ITER,
+    subsample: int | None = DEFAULT_SUBSAMPLE,
+    refine_iter: int = DEFAULT_REFINE_ITER,
+    seed: int = 0,
     spliced_layer: str | None = None,
     unspliced_layer: str | None = None,
     copy: bool = False,
@@ -82,6 +89,12 @@ def latent_time(
         ``"learned"`` (Dirichlet-smoothed, estimated by EM) or ``"uniform"``.
     max_iter
         Soft-EM iterations (per-gene fits only).
+    subsample, refine_iter
+        With more cells than ``subsample``, the EM iterates on that many random cells, then
+        up to ``refine_iter`` iterations on all cells (per-gene fits only; see
+        :func:`velofit.tl.recover_dynamics_shared`). ``None``: all cells throughout.
+    seed
+        Seed of the cell subsets (the subsampled EM's and the initial clock maps').
     spliced_layer, unspliced_layer
         Moments; default the layers of the fit (``uns["recover_dynamics"]``), else ``Ms``/``Mu``.
     copy
@@ -102,6 +115,9 @@ def latent_time(
     adata = check_adata(adata, what="latent_time")
     n_grid = check_int("n_grid", n_grid, minimum=3)
     max_iter = check_int("max_iter", max_iter, minimum=0)
+    refine_iter = check_int("refine_iter", refine_iter, minimum=0)
+    if subsample is not None:
+        subsample = check_int("subsample", subsample, minimum=2)
     check_bool("copy", copy)
     if prior not in ("learned", "uniform"):
         raise VelofitInputError(f"prior must be 'learned' or 'uniform', got {prior!r}")
@@ -118,9 +134,11 @@ def latent_time(
         with jax.enable_x64(True):
             data, *inputs = shared_inputs(out, genes, layers)
             grid = jnp.linspace(0.0, 1.0, n_grid)
-            theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs)
+            theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs, seed=seed)
             del inputs
-            state, trace = se.run(data, grid, theta, var_u, var_s, config)
+            state, trace, _, _ = run_subsampled(
+                data, grid, theta, var_u, var_s, config, subsample=subsample, refine_iter=refine_iter, seed=seed
+            )
             clock, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, grid))
             q, log_pi, cell_noise = (np.asarray(a) for a in (state.q, state.log_pi, state.cell_scale))
             grid = np.asarray(grid)
@@ -228,6 +246,48 @@ def write_latent_time(adata, q, grid, prior, trace, clock, std, roots, info: dic
         },
     )
     adata.uns["velofit"] = store
+
+
+def run_subsampled(data, grid, theta, var_u, var_s, config, *, subsample: int | None, refine_iter: int,
+                   seed: int, progress=None):
+    """The soft EM (:func:`velofit.core.soft_em.run`), iterated on a random subset of cells if large.
+
+    With more cells than ``subsample``, the annealing and ``config.max_iter`` iterations run on
+    ``subsample`` cells drawn at random (``seed``; same standardisation), then up to
+    ``refine_iter`` iterations on all cells start from the subset's gene parameters and
+    prior. The gene parameters and the prior are population quantities that a large random
+    subset determines as well as all cells do, and an iteration's cost is proportional to
+    the cells (measured: ``benchmarks/subsample.py``). Call under x64.
+
+    Parameters
+    ----------
+    data, grid, theta, var_u, var_s, config
+        As for :func:`velofit.core.soft_em.run`.
+    subsample
+        Most cells iterated on (``None``: all).
+    refine_iter
+        Most iterations on all cells after a subsampled EM.
+    seed
+        Seed of the subset.
+    progress
+        Called with ``1`` per annealing step and iteration.
+
+    Returns
+    -------
+    ``(state, trace, cells, subset_trace)``: the final state and log-likelihood trace on all
+    cells; the sorted subset and its trace (both ``None`` without a subset).
+    """
+    if subsample is None or data.xu.shape[1] <= subsample:
+        state, trace = se.run(data, grid, theta, var_u, var_s, config, progress=progress)
+        return state, trace, None, None
+    cells = np.sort(np.random.default_rng(seed).choice(data.xu.shape[1], subsample, replace=False))
+    subset = st.subset_cells(data, cells)
+    state, subset_trace = se.run(subset, grid, theta, var_u, var_s, config, progress=progress)
+    del subset
+    refine = config._replace(anneal_steps=0, max_iter=refine_iter)
+    state, trace = se.run(data, grid, state.theta, state.var_u, state.var_s, refine, log_pi=state.log_pi,
+                          progress=progress)
+    return state, trace, cells, subset_trace
 
 
 def annealing(n_genes: int) -> dict:

@@ -23,9 +23,12 @@ from ..core import shared_time as st
 from ..core import soft_em as se
 from ._latent_time import (
     DEFAULT_N_GRID,
+    DEFAULT_REFINE_ITER,
+    DEFAULT_SUBSAMPLE,
     _fitted_genes,
     _layers,
     annealing,
+    run_subsampled,
     shared_inputs,
     write_latent_time,
 )
@@ -39,10 +42,6 @@ from ._recover_dynamics import (
 
 #: EM iterations of the shared fit.
 DEFAULT_SHARED_MAX_ITER = 100
-#: Cells the EM iterates on when the data have more (see ``subsample``).
-DEFAULT_SUBSAMPLE = 20_000
-#: EM iterations on all cells after a subsampled EM.
-DEFAULT_REFINE_ITER = 10
 
 
 def recover_dynamics_shared(
@@ -168,21 +167,12 @@ def recover_dynamics_shared(
         theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, t_gene, fit_weights, seed=seed)
         del t_gene
         release_free_memory()
-        cells = _em_cells(out.n_obs, subsample, seed)
-        n_steps = config.anneal_steps + max_iter + (refine_iter if cells is not None else 0)
+        n_steps = config.anneal_steps + max_iter + (refine_iter if subsample is not None and out.n_obs > subsample else 0)
         with tqdm(total=n_steps, unit="iter", disable=not progress, desc="shared-time EM") as bar:
-            if cells is None:
-                state, trace = se.run(data, grid, theta, var_u, var_s, config, progress=bar.update)
-                subset_trace = None
-            else:
-                subset = st.subset_cells(data, cells)
-                state, subset_trace = se.run(subset, grid, theta, var_u, var_s, config, progress=bar.update)
-                del subset
-                refine = config._replace(anneal_steps=0, max_iter=refine_iter)
-                state, trace = se.run(
-                    data, grid, state.theta, state.var_u, state.var_s, refine, log_pi=state.log_pi,
-                    progress=bar.update,
-                )
+            state, trace, cells, subset_trace = run_subsampled(
+                data, grid, theta, var_u, var_s, config, subsample=subsample, refine_iter=refine_iter, seed=seed,
+                progress=bar.update,
+            )
         if em == "hard":  # the soft posterior at the fitted model, and the refined best times
             q, qd, loglik = se.e_step_jit(
                 state.theta, state.var_u, state.var_s, state.log_pi, state.cell_scale, data, grid, False
@@ -234,13 +224,6 @@ def recover_dynamics_shared(
                   shared_tol=tol, subsample=-1 if subsample is None else subsample, refine_iter=refine_iter, velofit_version=__version__)
     out.uns["recover_dynamics"] = params
     return out if copy else None
-
-
-def _em_cells(n_obs: int, subsample: int | None, seed: int) -> np.ndarray | None:
-    """Sorted positions of the cells a subsampled EM iterates on (``None``: all cells)."""
-    if subsample is None or n_obs <= subsample:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(n_obs, subsample, replace=False))
 
 
 def _write_shared_fit(adata: AnnData, genes: np.ndarray, result: dict, clock: np.ndarray, t_max: float) -> None:
