@@ -110,7 +110,7 @@ def recover_dynamics_shared(
     refine_iter
         Most EM iterations on all cells after a subsampled EM (they also stop at ``tol``).
     seed
-        Seed of the per-gene fit and of the cell subset of the initial clock maps.
+        Seed of the per-gene fit and of the cell subsets (the initial clock maps', the EM's).
     progress
         Show progress bars (with an estimated time left) over the per-gene fit's genes and
         the shared EM's iterations (an upper bound: the EM stops early once converged).
@@ -155,19 +155,20 @@ def recover_dynamics_shared(
         mode="full", prior=prior, hard=em == "hard", max_iter=max_iter, tol=tol, **annealing(genes.size)
     )
     # The per-gene time layers this call wrote are replaced by the shared fit's at the end;
-    # freeing them now keeps their n_obs x n_genes x 3 float32 out of the EM's memory.
-    own_layers = ("fit_t", "fit_tau", "fit_tau_") if per_gene_fit else ()
-    for key in own_layers[1:]:
-        out.layers.pop(key, None)
+    # freeing them as soon as they are read keeps three n_obs x n_genes arrays out of the EM.
+    if per_gene_fit:
+        for key in ("fit_tau", "fit_tau_"):
+            out.layers.pop(key, None)
     with jax.enable_x64(True):
         data, params, t_gene, fit_weights = shared_inputs(out, genes, layers)
-        for key in own_layers[:1]:
-            out.layers.pop(key, None)
+        if per_gene_fit:
+            out.layers.pop("fit_t", None)
         grid = jnp.linspace(0.0, 1.0, n_grid)
         theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, t_gene, fit_weights, seed=seed)
         del t_gene
         release_free_memory()
-        n_steps = config.anneal_steps + max_iter + (refine_iter if subsample is not None and out.n_obs > subsample else 0)
+        refining = subsample is not None and out.n_obs > subsample
+        n_steps = config.anneal_steps + max_iter + (refine_iter if refining else 0)
         with tqdm(total=n_steps, unit="iter", disable=not progress, desc="shared-time EM") as bar:
             state, trace, cells, subset_trace = run_subsampled(
                 data, grid, theta, var_u, var_s, config, subsample=subsample, refine_iter=refine_iter, seed=seed,
@@ -221,7 +222,8 @@ def recover_dynamics_shared(
         out.uns["velofit"]["shared_fit"]["subset_loglik"] = subset_trace[np.isfinite(subset_trace)]
     params = dict(out.uns.get("recover_dynamics", {}))
     params.update(time="shared", em=em, prior=prior, n_grid=n_grid, shared_max_iter=max_iter,
-                  shared_tol=tol, subsample=-1 if subsample is None else subsample, refine_iter=refine_iter, velofit_version=__version__)
+                  shared_tol=tol, subsample=-1 if subsample is None else subsample, refine_iter=refine_iter,
+                  velofit_version=__version__)
     out.uns["recover_dynamics"] = params
     return out if copy else None
 
