@@ -248,6 +248,11 @@ def write_latent_time(adata, q, grid, prior, trace, clock, std, roots, info: dic
     adata.uns["velofit"] = store
 
 
+def uses_subset(n_cells: int, subsample: int | None) -> bool:
+    """Whether :func:`run_subsampled` iterates on a subset of ``n_cells`` cells."""
+    return subsample is not None and n_cells > subsample
+
+
 def run_subsampled(data, grid, theta, var_u, var_s, config, *, subsample: int | None, refine_iter: int,
                    seed: int, progress=None):
     """The soft EM (:func:`velofit.core.soft_em.run`), iterated on a random subset of cells if large.
@@ -277,7 +282,7 @@ def run_subsampled(data, grid, theta, var_u, var_s, config, *, subsample: int | 
     ``(state, trace, cells, subset_trace)``: the final state and log-likelihood trace on all
     cells; the sorted subset and its trace (both ``None`` without a subset).
     """
-    if subsample is None or data.xu.shape[1] <= subsample:
+    if not uses_subset(data.xu.shape[1], subsample):
         state, trace = se.run(data, grid, theta, var_u, var_s, config, progress=progress)
         return state, trace, None, None
     cells = np.sort(np.random.default_rng(seed).choice(data.xu.shape[1], subsample, replace=False))

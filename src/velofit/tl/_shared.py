@@ -30,6 +30,7 @@ from ._latent_time import (
     annealing,
     run_subsampled,
     shared_inputs,
+    uses_subset,
     write_latent_time,
 )
 from ._recover_dynamics import (
@@ -167,8 +168,7 @@ def recover_dynamics_shared(
         theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, t_gene, fit_weights, seed=seed)
         del t_gene
         release_free_memory()
-        refining = subsample is not None and out.n_obs > subsample
-        n_steps = config.anneal_steps + max_iter + (refine_iter if refining else 0)
+        n_steps = config.anneal_steps + max_iter + (refine_iter if uses_subset(out.n_obs, subsample) else 0)
         with tqdm(total=n_steps, unit="iter", disable=not progress, desc="shared-time EM") as bar:
             state, trace, cells, subset_trace = run_subsampled(
                 data, grid, theta, var_u, var_s, config, subsample=subsample, refine_iter=refine_iter, seed=seed,
