@@ -137,6 +137,11 @@ def test_shared_fit_and_latent_time_after_it(fitted, em):
     latent_time(adata)  # reuses the shared model
     assert adata.uns["velofit"]["latent_time_params"]["mode"] == "shared"
     np.testing.assert_allclose(adata.obs["latent_time"], before, atol=1e-8)
+    # ... also after the user reorders the genes (the stored model is per gene name)
+    shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)].copy()
+    latent_time(shuffled)
+    assert shuffled.uns["velofit"]["latent_time_params"]["mode"] == "shared"
+    np.testing.assert_allclose(shuffled.obs["latent_time"], before, atol=1e-8)
 
 
 def test_subsampled_shared_fit_matches_the_full_one_and_refines_on_all_cells(fitted):

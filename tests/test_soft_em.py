@@ -166,7 +166,7 @@ def test_align_gene_fit_recovers_clock_from_per_gene_clocks():
     t_gene = true_t[:, None] * speed[None, :] * np.exp(0.2 * rng.standard_normal((N_OBS, N_VARS)))
     data = st.prepare_data(adata.layers["Mu"], adata.layers["Ms"])
     grid = jnp.linspace(0.0, 1.0, N_GRID)
-    theta, _, _, tau = st.align_gene_fit(data, grid, params, t_gene, np.ones((N_OBS, N_VARS), bool))
+    theta, _, _, tau = st.align_gene_fit(data, grid, params, *st.clock_start(t_gene, np.ones((N_OBS, N_VARS), bool)))
     assert spearmanr(tau, true_t)[0] > 0.98
     speed_fit = np.exp(np.asarray(theta)[1]) / np.asarray(v["true_beta"])  # beta_clock / beta_true ~ t_max
     assert np.median(np.abs(np.log(speed_fit / T_MAX))) < np.log(1.5)
@@ -230,10 +230,29 @@ def test_lm_does_not_move_a_switch_beyond_the_clock():
     stats = se.grid_statistics(state.q, state.cell_scale, data)
     lm = jax.jit(se.levenberg_marquardt, static_argnames="n_steps")
     damping = jnp.full(N_VARS, 1e-9)  # the smallest damping turns any noise into a capped step
-    new, _, _, _ = lm(theta, damping, stats, var_u, var_s, data, grid, jnp.eye(6), n_steps=5)
+    new, _, _, _ = lm(theta, damping, stats, var_u, var_s, data.std_u, data.std_s, grid, jnp.eye(6), n_steps=5)
     np.testing.assert_array_equal(np.asarray(new)[3, genes], np.asarray(theta)[3, genes])
     others = np.setdiff1d(np.arange(N_VARS), genes)
     assert np.any(np.asarray(new)[:, others] != np.asarray(theta)[:, others])  # the rest do move
+
+
+def test_m_step_in_gene_batches_equals_the_m_step_on_all_genes():
+    """The M-step runs in batches of genes (bounded memory); padding must not change any gene."""
+    adata = simulate(9)
+    data, grid, theta, var_u, var_s = _moved_switch_start(adata, np.arange(0, N_VARS, 4))
+    state = se.init(data, grid, theta, var_u, var_s, se.SoftEMConfig())
+    stats = se.grid_statistics(state.q, state.cell_scale, data)
+
+    def lm(*args):
+        return se.levenberg_marquardt(*args, grid, jnp.eye(6), 4, True)
+
+    args = (theta, jnp.full(N_VARS, 1e-2), stats, var_u, var_s, data.std_u, data.std_s)
+    whole = jax.jit(lm)(*args)
+    for size in (3, 7, N_VARS):  # 3 and 7 leave a padded last batch
+        batched = jax.jit(lambda *a, size=size: se.by_gene_batches(lm, a, size))(*args)
+        for a, b in zip(whole, batched):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-12)
+    assert np.any(np.asarray(whole[0]) != np.asarray(theta))  # the M-step moved something
 
 
 def test_soft_em_brings_back_a_switch_from_beyond_the_clock():

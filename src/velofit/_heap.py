@@ -5,6 +5,11 @@ threshold after such arrays are freed (up to 32 MB), so later chunks come from t
 and the pages they leave behind stay counted in the process's resident memory. Before the
 large outputs are allocated, :func:`release_free_memory` returns them (``malloc_trim``):
 measured on 50,000 cells x 2,000 genes, 300 MB less peak RSS. Elsewhere it does nothing.
+
+It first runs the cyclic garbage collector: a JAX array that uses a NumPy array's memory in
+place (:func:`velofit._host.to_device`) sits in a reference cycle inside JAX, so its memory
+is returned only when the collector runs, not when the last reference goes (measured: a
+1 GB chunked copy of the data stayed resident until ``gc.collect()``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import sys
 
 
@@ -27,11 +33,12 @@ def _malloc_trim():
 
 
 def release_free_memory() -> bool:
-    """Return the C heap's free pages to the operating system, where glibc allows it.
+    """Free unreachable objects, then return the C heap's free pages to the operating system.
 
     Returns
     -------
     Whether any memory was released (always ``False`` off glibc).
     """
+    gc.collect()
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False

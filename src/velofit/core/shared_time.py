@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._host import aligned_empty, aligned_zeros, to_device
 from .kinetics import KineticParams, trajectory
 
 #: Meaning of the rows of ``theta``.
@@ -108,9 +109,9 @@ def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) 
     width = max(1, min(chunk_size or n_genes, n_genes))
     n_chunks = -(-n_genes // width)
     n_padded = n_chunks * width
-    xu = np.zeros((n_chunks, n_cells, width), DATA_DTYPE)
-    xs = np.zeros((n_chunks, n_cells, width), DATA_DTYPE)
-    w = np.zeros((n_chunks, n_cells, width), bool)
+    xu = aligned_zeros((n_chunks, n_cells, width), DATA_DTYPE)  # aligned: JAX uses them in place
+    xs = aligned_zeros((n_chunks, n_cells, width), DATA_DTYPE)
+    w = aligned_zeros((n_chunks, n_cells, width), bool)
     scales = {"u": np.ones(n_padded), "s": np.ones(n_padded)}
     given = {"u": std_u, "s": std_s}
     for k in range(n_chunks):
@@ -139,9 +140,9 @@ def _with_weights(xu, xs, w, std_u, std_s) -> SharedData:
     for k in range(w.shape[0]):  # chunk by chunk: no full-size float copy of the weights
         log_jac += w[k].astype(np.float64) @ log_scale[k]
     return SharedData(
-        xu=jnp.asarray(xu),
-        xs=jnp.asarray(xs),
-        w=jnp.asarray(w),
+        xu=to_device(xu),
+        xs=to_device(xs),
+        w=to_device(w),
         std_u=jnp.asarray(std_u, jnp.float64),
         std_s=jnp.asarray(std_s, jnp.float64),
         n_gene=jnp.asarray(w.sum(axis=1).reshape(-1), jnp.float64),
@@ -166,9 +167,11 @@ def reweight(data: SharedData, weights) -> SharedData:
     :class:`SharedData`.
     """
     n_chunks, n_cells, width = data.w.shape
-    w = np.zeros((n_cells, n_chunks * width), bool)
-    w[:, : weights.shape[1]] = np.asarray(weights) > 0
-    w = np.ascontiguousarray(w.reshape(n_cells, n_chunks, width).transpose(1, 0, 2))
+    weights = np.asarray(weights)
+    w = aligned_zeros((n_chunks, n_cells, width), bool)
+    for k in range(n_chunks):  # chunk by chunk: no transposed full-size copy
+        cols = slice(k * width, min((k + 1) * width, weights.shape[1]))
+        w[k, :, : cols.stop - cols.start] = weights[:, cols] > 0
     return _with_weights(data.xu, data.xs, w, np.asarray(data.std_u), np.asarray(data.std_s))
 
 
@@ -187,8 +190,36 @@ def subset_cells(data: SharedData, cells) -> SharedData:
     :class:`SharedData` of ``len(cells)`` cells.
     """
     cells = np.asarray(cells)
-    take = lambda a: np.asarray(a)[:, cells]
+
+    def take(a):
+        a = np.asarray(a)
+        out = aligned_empty((a.shape[0], cells.size, a.shape[2]), a.dtype)
+        return np.take(a, cells, axis=1, out=out)
+
     return _with_weights(take(data.xu), take(data.xs), take(data.w), np.asarray(data.std_u), np.asarray(data.std_s))
+
+
+def cell_block(data: SharedData, start, size: int) -> SharedData:
+    """Cells ``start .. start + size`` of the data (a slice inside a compiled program).
+
+    Parameters
+    ----------
+    data
+        Chunked data.
+    start
+        First cell (may be traced).
+    size
+        Number of cells (static).
+
+    Returns
+    -------
+    :class:`SharedData` of ``size`` cells; per-gene fields are those of ``data``.
+    """
+    cells = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+    return data._replace(
+        xu=cells(data.xu, 1), xs=cells(data.xs, 1), w=cells(data.w, 1),
+        n_cell=cells(data.n_cell, 0), log_jac=cells(data.log_jac, 0),
+    )
 
 
 def upcast_chunk(xu, xs, w, like):
@@ -435,43 +466,46 @@ def residual_variances(theta, t, data: SharedData, floor: float = 1e-4):
 residual_variances_jit = jax.jit(residual_variances, static_argnames=("floor",))
 
 
-def initial_clock(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """A first shared time: per cell, the median over genes of each gene's normalised time.
+def clock_start(t_gene, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the shared clock's initialisation takes from per-gene times: spans and a first clock.
 
-    Every gene's time is divided by its largest value over its weighted cells (so it runs
-    from 0 at onset to 1, induction before repression); the per-cell median is rescaled to
-    span ``[0, 1]``. Computed in blocks of cells (no full-size temporary).
+    Every gene's time is divided by its largest value over its weighted cells (its span, so
+    that it runs from 0 at onset to 1, induction before repression); the first shared time is
+    the per-cell median of these, rescaled to span ``[0, 1]``. Computed in blocks of cells (no
+    full-size temporary), so the per-gene times can be freed once this has run.
 
     Parameters
     ----------
     t_gene
-        ``(n_cells, n_genes)`` per-gene times (e.g. ``GeneFit.t``), ``nan`` where unknown.
+        ``(n_cells, n_genes)`` per-gene times (e.g. ``GeneFit.t``), ``nan`` where unknown;
+        read in blocks of rows (``t_gene[rows]``), so a view that reads rows on demand works.
     weights
         ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
 
     Returns
     -------
+    ``(span, tau)``: ``(n_genes,)`` spans (:func:`time_spans`, ``nan`` where unknown) and
     ``(n_cells,)`` times in ``[0, 1]``.
     """
     span = time_spans(t_gene, weights)
-    span = np.where(np.isfinite(span) & (span > 0), span, np.nan)
+    usable = np.where(np.isfinite(span) & (span > 0), span, np.nan)
     tau = np.empty(t_gene.shape[0])
     for rows in _row_blocks(t_gene.shape):
-        norm = np.clip(np.asarray(t_gene[rows], np.float64) / span, 0.0, 1.0)
+        norm = np.clip(np.asarray(t_gene[rows], np.float64) / usable, 0.0, 1.0)
         with warnings.catch_warnings():  # a cell without any finite time: nan, filled below
             warnings.simplefilter("ignore", RuntimeWarning)
             tau[rows] = np.nanmedian(norm, axis=1)
     tau = np.where(np.isfinite(tau), tau, np.nanmedian(tau))
-    return _unit_range(tau)
+    return span, _unit_range(tau)
 
 
-def time_spans(t_gene: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def time_spans(t_gene, weights: np.ndarray) -> np.ndarray:
     """Per gene, the largest time over its weighted cells (``nan`` where it has none).
 
     Parameters
     ----------
     t_gene
-        ``(n_cells, n_genes)`` per-gene times, ``nan`` where unknown.
+        ``(n_cells, n_genes)`` per-gene times, ``nan`` where unknown (read as ``t_gene[rows]``).
     weights
         ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
 
@@ -566,10 +600,10 @@ def fit_clock_maps(shape, span, tau, data: SharedData, n_search: int = 12):
 fit_clock_maps_jit = jax.jit(fit_clock_maps, static_argnames=("n_search",))
 
 
-def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds: int = 2, max_cells: int = 1000, seed: int = 0):
+def align_gene_fit(data: SharedData, grid, params, span, tau, n_rounds: int = 2, max_cells: int = 1000, seed: int = 0):
     """Map per-gene fits onto one shared clock: the initialisation of the shared-time EM.
 
-    The first clock is :func:`initial_clock`; then, ``n_rounds`` times, each gene's clock map
+    The first clock is :func:`clock_start`'s; then, ``n_rounds`` times, each gene's clock map
     is fitted (:func:`fit_clock_maps`, on at most ``max_cells`` random cells) and the shared
     time re-estimated by the multi-gene exact time (:func:`shared_times`). Call under x64.
 
@@ -582,10 +616,9 @@ def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds
     params
         ``(5, n_genes)`` per-gene ``alpha, beta, gamma, t_, scaling`` (``beta`` in
         scaled-unspliced units), each on the gene's own clock.
-    t_gene
-        ``(n_cells, n_genes)`` per-gene times on the genes' clocks.
-    fit_weights
-        ``(n_cells, n_genes)`` boolean cells each gene was fitted on.
+    span, tau
+        :func:`clock_start` of the per-gene times: ``(n_genes,)`` each gene's largest time on
+        its clock (``nan`` where unknown: ``t_`` is used) and the ``(n_cells,)`` first clock.
     n_rounds
         Rounds of map fitting and shared time (at least 1).
     max_cells
@@ -599,12 +632,11 @@ def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds
     and ``(n_cells,)`` shared times.
     """
     params = np.asarray(params, np.float64)
-    fit_weights = np.asarray(fit_weights, bool)
-    n_cells = t_gene.shape[0]
+    n_cells = data.xu.shape[1]
     n_genes, n_padded = params.shape[1], data.std_u.shape[0]
     fill = n_padded - n_genes
     shape = np.concatenate([np.log(params), np.repeat(np.log(params[:, :1]), fill, axis=1)], axis=1)
-    span = time_spans(t_gene, fit_weights)
+    span = np.asarray(span, np.float64)
     span = np.where(np.isfinite(span) & (span > 0), span, params[3])
     span = np.concatenate([span, np.repeat(span[:1], fill)])
     rows = np.arange(n_cells)
@@ -612,7 +644,7 @@ def align_gene_fit(data: SharedData, grid, params, t_gene, fit_weights, n_rounds
         rows = np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
     sub = data._replace(xu=data.xu[:, rows], xs=data.xs[:, rows], w=data.w[:, rows])
     shape, span = jnp.asarray(shape), jnp.asarray(span)
-    tau = initial_clock(t_gene, fit_weights)
+    tau = np.asarray(tau, np.float64)
     for _ in range(max(n_rounds, 1)):
         theta = fit_clock_maps_jit(shape, span, jnp.asarray(tau[rows]), sub)
         var_u, var_s = residual_variances_jit(theta, jnp.asarray(tau), data)

@@ -44,6 +44,7 @@ from .shared_time import (
     ALIGN_DIRECTIONS,
     FULL_DIRECTIONS,
     SharedData,
+    cell_block,
     grid_distances,
     predict,
     score_terms,
@@ -63,6 +64,11 @@ _FLAT = 1e-12
 #: Switch positions tried by :func:`switch_search`, as fractions of the way from a gene's
 #: onset to the clock's end.
 _SWITCH_FRACTIONS = np.linspace(0.05, 1.0, 20)
+#: Genes per batch of the M-step (:func:`by_gene_batches`): its temporaries are ~0.4 MB per
+#: gene at 200 grid points, so a batch holds ~100 MB, whatever the number of genes.
+_M_STEP_GENES = 256
+#: Size of one ``cells x grid`` float64 temporary of a block of the E-step.
+_E_STEP_BLOCK_BYTES = 16 * 1024**2
 
 
 class SoftEMConfig(NamedTuple):
@@ -205,6 +211,10 @@ class GridStatistics(NamedTuple):
 def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard: bool = False, temper=1.0):
     """Posterior over grid times and the log-likelihood.
 
+    Computed in blocks of cells (:func:`_cells_per_block`), so that its ``cells x grid``
+    temporaries (distances, joint log-density, softmax) are those of one block; only the
+    posterior itself is ``n_cells x n_grid``.
+
     Parameters
     ----------
     theta, var_u, var_s, log_pi, cell_scale
@@ -224,6 +234,39 @@ def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard
     ``(q, qd, loglik)``: ``(n_cells, n_grid)`` posterior, ``(n_cells,)`` ``sum_j q_ij D_ij``
     and the scalar (classification) log-likelihood of ``Mu, Ms``.
     """
+    n_cells, n_grid = data.xu.shape[1], grid.shape[0]
+    size = _cells_per_block(n_cells, n_grid)
+    n_blocks = -(-n_cells // size)
+    if n_blocks == 1:
+        q, qd, per_cell = _e_step_block(theta, var_u, var_s, log_pi, cell_scale, data, grid, hard, temper)
+        return q, qd, jnp.sum(per_cell)
+
+    def one(b, carry):
+        # The last block is moved back to end at the last cell; its rows that an earlier block
+        # already computed get the same values again and are not counted twice.
+        q, qd, total = carry
+        start = jnp.minimum(b * size, n_cells - size)
+        block = cell_block(data, start, size)
+        scale = jax.lax.dynamic_slice_in_dim(cell_scale, start, size)
+        q_b, qd_b, per_cell = _e_step_block(theta, var_u, var_s, log_pi, scale, block, grid, hard, temper)
+        fresh = start + jnp.arange(size) >= b * size
+        total = total + jnp.sum(jnp.where(fresh, per_cell, 0.0))
+        q = jax.lax.dynamic_update_slice_in_dim(q, q_b, start, axis=0)
+        qd = jax.lax.dynamic_update_slice_in_dim(qd, qd_b, start, axis=0)
+        return q, qd, total
+
+    dtype = data.std_u.dtype
+    init = (jnp.zeros((n_cells, n_grid), dtype), jnp.zeros(n_cells, dtype), jnp.zeros((), dtype))
+    return jax.lax.fori_loop(0, n_blocks, one, init)
+
+
+def _cells_per_block(n_cells: int, n_grid: int) -> int:
+    """Cells per block of the E-step: one ``cells x grid`` float64 array of about 16 MiB."""
+    return max(1, min(n_cells, _E_STEP_BLOCK_BYTES // (8 * max(n_grid, 1))))
+
+
+def _e_step_block(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard, temper):
+    """:func:`e_step` on some cells: ``(q, qd, per-cell log-likelihood)``."""
     dist, log_det = grid_distances(theta, var_u, var_s, data, grid)
     c = cell_scale[:, None]
     log_norm = -0.5 * (data.n_cell * (_LOG_2PI + jnp.log(cell_scale)) + log_det) - data.log_jac
@@ -233,7 +276,7 @@ def e_step(theta, var_u, var_s, log_pi, cell_scale, data: SharedData, grid, hard
     hard_q = jax.nn.one_hot(jnp.argmax(joint, axis=1), grid.shape[0], dtype=dist.dtype)
     q = jnp.where(hard, hard_q, soft_q)
     per_cell = jnp.where(hard, jnp.max(joint, axis=1), jax.nn.logsumexp(joint, axis=1))
-    return q, jnp.sum(q * dist, axis=1), jnp.sum(per_cell)
+    return q, jnp.sum(q * dist, axis=1), per_cell
 
 
 e_step_jit = jax.jit(e_step)
@@ -255,19 +298,32 @@ def grid_statistics(q, cell_scale, data: SharedData) -> GridStatistics:
     -------
     :class:`GridStatistics`.
     """
+    n_cells, n_grid = q.shape
+    n_chunks, _, width = data.xu.shape
+    size = _cells_per_block(n_cells, n_grid)
     inv_c = 1.0 / cell_scale
-    qc = (q * inv_c[:, None]).T
 
-    def body(_, chunk):
-        xu, xs, w = upcast_chunk(*chunk, qc)
-        wu, ws = w * xu, w * xs
-        first = qc @ jnp.concatenate([w, wu, ws], axis=1)
-        second = inv_c @ jnp.concatenate([wu * xu, ws * xs], axis=1)
-        return None, (first.reshape(first.shape[0], 3, -1), second.reshape(2, -1))
+    def one(b, sums):
+        # Block by block of cells, so that the weighted, transposed posterior is one block's;
+        # rows of the last block that an earlier block counted get weight 0.
+        start = jnp.minimum(b * size, n_cells - size)
+        fresh = start + jnp.arange(size) >= b * size
+        weight = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(inv_c, start, size), 0.0)
+        qc = (jax.lax.dynamic_slice_in_dim(q, start, size, axis=0) * weight[:, None]).T
+        block = cell_block(data, start, size)
 
-    _, (first, second) = jax.lax.scan(body, None, (data.xu, data.xs, data.w))  # (n_chunks, T, 3, chunk)
-    first = jnp.moveaxis(first, 0, 2).reshape(first.shape[1], 3, -1)
-    second = jnp.moveaxis(second, 0, 1).reshape(2, -1)
+        def body(_, chunk):
+            xu, xs, w = upcast_chunk(*chunk, qc)
+            wu, ws = w * xu, w * xs
+            return None, (qc @ jnp.concatenate([w, wu, ws], axis=1), weight @ jnp.concatenate([wu * xu, ws * xs], axis=1))
+
+        first, second = jax.lax.scan(body, None, (block.xu, block.xs, block.w))[1]
+        return sums[0] + first, sums[1] + second
+
+    init = (jnp.zeros((n_chunks, n_grid, 3 * width), q.dtype), jnp.zeros((n_chunks, 2 * width), q.dtype))
+    first, second = jax.lax.fori_loop(0, -(-n_cells // size), one, init)
+    first = jnp.moveaxis(first.reshape(n_chunks, n_grid, 3, width), 0, 2).reshape(n_grid, 3, -1)
+    second = jnp.moveaxis(second.reshape(n_chunks, 2, width), 0, 1).reshape(2, -1)
     return GridStatistics(first[:, 0], first[:, 1], first[:, 2], second[0], second[1])
 
 
@@ -310,8 +366,8 @@ def switch_search(theta, res, grid):
     return theta.at[3].set(jnp.where(better, chosen, theta[3]))
 
 
-def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, data, grid, directions, n_steps,
-                        search_switch=False):
+def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, std_u, std_s, grid, directions,
+                        n_steps, search_switch=False):
     """LM steps on the expected weighted squared residual, from grid statistics only.
 
     The residuals are ``sqrt(n_j / var) (m(t_j) - xbar_j)`` at the grid points (``xbar_j`` the
@@ -329,8 +385,8 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
         Sufficient statistics.
     var_u, var_s
         Residual variances.
-    data
-        Chunked data (for the standardisation scales).
+    std_u, std_s
+        Standardisation scales (:class:`~velofit.core.shared_time.SharedData`'s).
     grid
         Clock times.
     directions
@@ -352,7 +408,7 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
     wu, ws = root / jnp.sqrt(var_u), root / jnp.sqrt(var_s)
 
     def res(th):
-        m_u, m_s = predict(th, grid[:, None], data.std_u, data.std_s)
+        m_u, m_s = predict(th, grid[:, None], std_u, std_s)
         return wu * (m_u - mean_u), ws * (m_s - mean_s)
 
     theta = jnp.where(search_switch, switch_search(theta, res, grid), theta)
@@ -409,6 +465,44 @@ def levenberg_marquardt(theta, damping, stats: GridStatistics, var_u, var_s, dat
     e_u = jnp.sum(ru * ru, axis=0) * var_u + within_u
     e_s = jnp.sum(rs * rs, axis=0) * var_s + within_s
     return theta, damping, e_u, e_s
+
+
+def by_gene_batches(fn, args, size: int):
+    """``fn(*args)`` computed on batches of ``size`` genes one after another (inside ``jit``).
+
+    For per-gene computations whose temporaries grow with the genes (the M-step holds a
+    few dozen ``grid x genes`` arrays): a batch's are all that exist at once. The genes are
+    padded to a multiple of ``size`` with copies of the last gene, whose results are dropped.
+
+    Parameters
+    ----------
+    fn
+        Function of arrays (or pytrees of arrays) whose last axis is the genes, returning such.
+    args
+        Its arguments, all with the same number of genes on their last axis.
+    size
+        Genes per batch (static).
+
+    Returns
+    -------
+    ``fn(*args)``, assembled from the batches.
+    """
+    n_genes = jax.tree_util.tree_leaves(args)[0].shape[-1]
+    if n_genes <= size:
+        return fn(*args)
+    n_batches = -(-n_genes // size)
+
+    def split(a):
+        pad = [(0, 0)] * (a.ndim - 1) + [(0, n_batches * size - n_genes)]
+        a = jnp.pad(a, pad, mode="edge").reshape(a.shape[:-1] + (n_batches, size))
+        return jnp.moveaxis(a, -2, 0)
+
+    def join(a):
+        a = jnp.moveaxis(a, 0, -2)
+        return a.reshape(a.shape[:-2] + (n_batches * size,))[..., :n_genes]
+
+    out = jax.lax.map(lambda batch: fn(*batch), jax.tree_util.tree_map(split, args))
+    return jax.tree_util.tree_map(join, out)
 
 
 def smoothing_kernel(grid, bandwidth: float):
@@ -518,9 +612,11 @@ def _step(state: SoftEMState, data: SharedData, grid, settings: _Settings, n_lm:
     var_u, var_s = var_u * k, var_s * k
     # Block 2, gene parameters: LM on the grid statistics, improving steps only.
     stats = grid_statistics(state.q, c, data)
-    theta, damping, e_u, e_s = levenberg_marquardt(
-        state.theta, state.damping, stats, var_u, var_s, data, grid, settings.directions, n_lm,
-        settings.search_switch,
+    lm = lambda th, damp, st_, vu, vs, su, ss: levenberg_marquardt(
+        th, damp, st_, vu, vs, su, ss, grid, settings.directions, n_lm, settings.search_switch
+    )
+    theta, damping, e_u, e_s = by_gene_batches(
+        lm, (state.theta, state.damping, stats, var_u, var_s, data.std_u, data.std_s), _M_STEP_GENES
     )
     # Block 3, variances in closed form given theta.
     used = data.n_gene > 0

@@ -11,6 +11,7 @@ import numpy as np
 from anndata import AnnData
 
 from .. import __version__
+from .._heap import release_free_memory
 from .._io import LayerColumns, layer_readers
 from .._validation import (
     VelofitInputError,
@@ -19,7 +20,6 @@ from .._validation import (
     check_bool,
     check_int,
     check_key,
-    dense_layer,
 )
 from ..core import shared_time as st
 from ..core import soft_em as se
@@ -132,16 +132,18 @@ def latent_time(
         genes = _fitted_genes(out)
         config = se.SoftEMConfig(mode="align", prior=prior, max_iter=max_iter, **annealing(genes.size))
         with jax.enable_x64(True):
-            data, *inputs = shared_inputs(out, genes, layers)
+            params, span, tau = gene_clocks(out, genes, layers)
+            data = shared_data(out, genes, layers)
             grid = jnp.linspace(0.0, 1.0, n_grid)
-            theta, var_u, var_s, _ = st.align_gene_fit(data, grid, *inputs, seed=seed)
-            del inputs
+            theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, span, tau, seed=seed)
             state, trace, _, _ = run_subsampled(
                 data, grid, theta, var_u, var_s, config, subsample=subsample, refine_iter=refine_iter, seed=seed
             )
             clock, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, grid))
             q, log_pi, cell_noise = (np.asarray(a) for a in (state.q, state.log_pi, state.cell_scale))
             grid = np.asarray(grid)
+            del data, state
+            release_free_memory()  # the chunked copy of the data (see velofit._heap)
         out.obs["velofit_cell_noise"] = cell_noise
         n_genes = genes.size
         info = {"mode": "per_gene", "em": "soft", "prior": prior}
@@ -289,6 +291,7 @@ def run_subsampled(data, grid, theta, var_u, var_s, config, *, subsample: int | 
     subset = st.subset_cells(data, cells)
     state, subset_trace = se.run(subset, grid, theta, var_u, var_s, config, progress=progress)
     del subset
+    release_free_memory()
     refine = config._replace(anneal_steps=0, max_iter=refine_iter)
     state, trace = se.run(data, grid, state.theta, state.var_u, state.var_s, refine, log_pi=state.log_pi,
                           progress=progress)
@@ -307,12 +310,11 @@ def chunk_width(n_cells: int, n_genes: int) -> int:
     return max(1, -(-n_genes // n_chunks))
 
 
-def shared_inputs(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
-    """The chunked data of ``genes`` and their per-gene fit, as the shared clock takes them.
+def gene_clocks(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
+    """What the shared clock takes from a per-gene fit: its parameters, spans and a first clock.
 
-    Memory: the moments are read gene chunk by gene chunk (no copy of the whole layers) and
-    stored in :class:`~velofit.core.shared_time.SharedData`'s float32; the fitting cells are
-    found chunk by chunk too. Call under x64.
+    The per-gene times are read from ``layers["fit_t"]`` block of cells by block (no copy),
+    so the layer may be freed once this returns.
 
     Parameters
     ----------
@@ -321,29 +323,70 @@ def shared_inputs(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     genes
         Positions of the fitted genes.
     layers
-        ``(spliced, unspliced)`` layer names.
+        ``(spliced, unspliced)`` layer names (for the fitting cells).
 
     Returns
     -------
-    ``(data, params, t_gene, fit_weights)``: :class:`~velofit.core.shared_time.SharedData`;
-    ``(5, n)`` ``alpha, beta (scaled units), gamma, t_, scaling`` on the aligned clock of
-    ``layers["fit_t"]``; ``(n_obs, n)`` float32 times and boolean fitting cells (the inputs of
+    ``(params, span, tau)``: ``(5, n)`` ``alpha, beta (scaled units), gamma, t_, scaling`` on
+    the aligned clock of ``fit_t``, and :func:`velofit.core.shared_time.clock_start`'s
+    ``(n,)`` spans and ``(n_obs,)`` first clock (the inputs of
     :func:`velofit.core.shared_time.align_gene_fit`).
     """
-    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
-    width = chunk_width(*mu.shape)
-    fit_weights = np.empty(mu.shape, bool)
-    for start in range(0, genes.size, width):
-        cols = slice(start, start + width)
-        fit_weights[:, cols] = gene_statistics(mu[:, cols], ms[:, cols]).weights > 0
-    data = st.prepare_data(mu, ms, chunk_size=width)
     var = adata.var.iloc[genes]
     col = lambda key: var[key].to_numpy(dtype=np.float64)
     params = np.stack(
         [col("fit_alpha"), col("fit_beta") * col("fit_scaling"), col("fit_gamma"), col("fit_t_"), col("fit_scaling")]
     )
-    t_gene = np.asarray(adata.layers["fit_t"][:, genes], np.float32)
-    return data, params, t_gene, fit_weights
+    span, tau = st.clock_start(_RowBlocks(adata.layers["fit_t"], genes), fitting_cells(adata, genes, layers))
+    return params, span, tau
+
+
+def shared_data(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> st.SharedData:
+    """The standardised moments of ``genes`` in gene chunks, as the shared clock takes them.
+
+    The moments are read gene chunk by gene chunk (no copy of the whole layers) into
+    :class:`~velofit.core.shared_time.SharedData`'s float32. Call under x64.
+
+    Parameters
+    ----------
+    adata
+        The data.
+    genes
+        Positions of the genes.
+    layers
+        ``(spliced, unspliced)`` layer names.
+
+    Returns
+    -------
+    :class:`~velofit.core.shared_time.SharedData`.
+    """
+    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
+    return st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
+
+
+def fitting_cells(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> np.ndarray:
+    """The cells each gene's per-gene fit uses (both moments positive, ...), gene chunk by chunk.
+
+    Parameters
+    ----------
+    adata
+        The data.
+    genes
+        Positions of the genes.
+    layers
+        ``(spliced, unspliced)`` layer names.
+
+    Returns
+    -------
+    ``(n_obs, genes.size)`` boolean (:func:`velofit.core.initialize.gene_statistics`' weights).
+    """
+    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
+    width = chunk_width(*mu.shape)
+    weights = np.empty(mu.shape, bool)
+    for start in range(0, genes.size, width):
+        cols = slice(start, start + width)
+        weights[:, cols] = gene_statistics(mu[:, cols], ms[:, cols]).weights > 0
+    return weights
 
 
 class _GeneColumns:
@@ -366,6 +409,25 @@ class _GeneColumns:
         return self.reader(np.arange(self.shape[1])[cols])
 
 
+class _RowBlocks:
+    """Some columns of a 2-D array, read by blocks of rows (``view[rows]``) without a full copy.
+
+    Parameters
+    ----------
+    array
+        ``(n_rows, n_cols)`` array.
+    cols
+        Positions of the columns.
+    """
+
+    def __init__(self, array, cols: np.ndarray) -> None:
+        self.array, self.cols = array, cols
+        self.shape = (array.shape[0], cols.size)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.array[rows])[:, self.cols]
+
+
 def stored_shared_fit(adata: AnnData) -> dict | None:
     """The shared fit stored by ``recover_dynamics_shared``, if it still matches ``var``."""
     shared = adata.uns.get("velofit", {}).get("shared_fit")
@@ -381,7 +443,10 @@ def stored_shared_fit(adata: AnnData) -> dict | None:
 
 def _posterior_of_shared_fit(adata: AnnData, shared: dict, layers: tuple[str, str]):
     genes = adata.var_names.get_indexer(np.asarray(shared["genes"]).astype(str))
-    mu, ms = (dense_layer(adata, layers[k], genes, dtype=np.float32) for k in (1, 0))
+    order = np.argsort(genes, kind="stable")  # the readers take columns in var order
+    genes = genes[order]
+    shared = {**shared, **{key: np.asarray(shared[key])[..., order] for key in ("theta", "var_u", "var_s", "std_u", "std_s")}}
+    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
     grid = np.asarray(shared["time_grid"], np.float64)
     n = genes.size
     with jax.enable_x64(True):
@@ -402,6 +467,8 @@ def _posterior_of_shared_fit(adata: AnnData, shared: dict, layers: tuple[str, st
         clock, std = (np.asarray(a) for a in se.posterior_spread_jit(state, data, jgrid))
         if shared["em"] == "hard":
             clock = np.asarray(st.shared_times_jit(theta, var_u, var_s, data, jgrid)[0])
+        del data, state
+        release_free_memory()  # the chunked copy of the data (see velofit._heap)
     return np.asarray(q), grid, log_pi, np.asarray(shared["loglik"]), clock, std, n
 
 

@@ -28,8 +28,10 @@ from ._latent_time import (
     _fitted_genes,
     _layers,
     annealing,
+    fitting_cells,
+    gene_clocks,
     run_subsampled,
-    shared_inputs,
+    shared_data,
     uses_subset,
     write_latent_time,
 )
@@ -161,13 +163,13 @@ def recover_dynamics_shared(
         for key in ("fit_tau", "fit_tau_"):
             out.layers.pop(key, None)
     with jax.enable_x64(True):
-        data, params, t_gene, fit_weights = shared_inputs(out, genes, layers)
-        if per_gene_fit:
+        params, span, tau = gene_clocks(out, genes, layers)
+        if per_gene_fit:  # read: freed before the chunked copy of the data is made
             out.layers.pop("fit_t", None)
-        grid = jnp.linspace(0.0, 1.0, n_grid)
-        theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, t_gene, fit_weights, seed=seed)
-        del t_gene
         release_free_memory()
+        data = shared_data(out, genes, layers)
+        grid = jnp.linspace(0.0, 1.0, n_grid)
+        theta, var_u, var_s, _ = st.align_gene_fit(data, grid, params, span, tau, seed=seed)
         n_steps = config.anneal_steps + max_iter + (refine_iter if uses_subset(out.n_obs, subsample) else 0)
         with tqdm(total=n_steps, unit="iter", disable=not progress, desc="shared-time EM") as bar:
             state, trace, cells, subset_trace = run_subsampled(
@@ -182,23 +184,23 @@ def recover_dynamics_shared(
         clock, std = se.posterior_spread_jit(state, data, grid)
         if em == "hard":
             clock = st.shared_times_jit(state.theta, state.var_u, state.var_s, data, grid)[0]
-        q = state.q
         # Residual variances over each gene's fitting cells (the per-gene fit's definition).
-        fit_data = st.reweight(data, fit_weights)
+        fit_data = st.reweight(data, fitting_cells(out, genes, layers))
         fit_var_u, fit_var_s = st.residual_variances_jit(state.theta, clock, fit_data, floor=0.0)
-        del fit_data, fit_weights
         n = genes.size
-        theta = np.asarray(state.theta)[:, :n]
         result = {
-            "theta": theta,
+            "theta": np.asarray(state.theta)[:, :n],
             "var_u": np.asarray(state.var_u)[:n],
             "var_s": np.asarray(state.var_s)[:n],
             "std_u": np.asarray(data.std_u)[:n],
             "std_s": np.asarray(data.std_s)[:n],
             "mean_sq": np.asarray(fit_var_u + fit_var_s)[:n],
         }
-        q, clock, std, grid = np.asarray(q), np.asarray(clock), np.asarray(std), np.asarray(grid)
+        q, clock, std, grid = np.asarray(state.q), np.asarray(clock), np.asarray(std), np.asarray(grid)
         log_pi, cell_noise = np.asarray(state.log_pi), np.asarray(state.cell_scale)
+        # The chunked copy of the data goes before the n_obs x n_genes outputs are written.
+        del data, fit_data, state
+        release_free_memory()
     _write_shared_fit(out, genes, result, clock, t_max)
     out.obs["velofit_cell_noise"] = cell_noise
     info = {"mode": "shared", "em": em, "prior": prior, "n_genes": int(genes.size)}
