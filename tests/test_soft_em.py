@@ -221,6 +221,32 @@ def _moved_switch_start(adata, genes, switch=5.0):
     return data, grid, jnp.asarray(theta), var_u, var_s
 
 
+def test_per_gene_weight_mask_equals_the_full_mask():
+    """Data with every cell weighted store a per-gene mask; every pass must see the same data."""
+    adata = simulate(9)
+    mu, ms = adata.layers["Mu"], adata.layers["Ms"]
+    compact = st.prepare_data(mu, ms, chunk_size=7)  # 7 does not divide the genes: padding
+    full = st.prepare_data(mu, ms, weights=np.ones(mu.shape, bool), chunk_size=7)
+    assert compact.w.shape[1] == 1 and full.w.shape[1] == N_OBS
+    for field in ("xu", "xs", "std_u", "std_s", "n_gene", "n_cell", "log_jac"):
+        np.testing.assert_array_equal(np.asarray(getattr(compact, field)), np.asarray(getattr(full, field)))
+    grid = jnp.linspace(0.0, 1.0, N_GRID)
+    theta = jnp.asarray(np.pad(true_theta(adata), ((0, 0), (0, compact.std_u.shape[0] - N_VARS)), mode="edge"))
+    t = jnp.asarray(adata.obs["true_t"].to_numpy() / T_MAX)
+    var_u, var_s = st.residual_variances_jit(theta, t, compact)
+    np.testing.assert_array_equal(np.asarray(var_u), np.asarray(st.residual_variances_jit(theta, t, full)[0]))
+    cells = np.arange(0, N_OBS, 3)
+    for a, b in ((compact, full), (st.subset_cells(compact, cells), st.subset_cells(full, cells))):
+        state_a = se.init(a, grid, theta, var_u, var_s, se.SoftEMConfig())
+        state_b = se.init(b, grid, theta, var_u, var_s, se.SoftEMConfig())
+        np.testing.assert_allclose(np.asarray(state_a.q), np.asarray(state_b.q), rtol=1e-12, atol=1e-15)
+        stats_a, stats_b = (se.grid_statistics(x.q, x.cell_scale, d) for x, d in ((state_a, a), (state_b, b)))
+        for x, y in zip(stats_a, stats_b):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12)
+        times_a, times_b = st.shared_times_jit(theta, var_u, var_s, a, grid)[0], st.shared_times_jit(theta, var_u, var_s, b, grid)[0]
+        np.testing.assert_array_equal(np.asarray(times_a), np.asarray(times_b))
+
+
 def test_lm_does_not_move_a_switch_beyond_the_clock():
     """A switch past the clock's end leaves the loss flat in log d: LM must not take noise steps there."""
     adata = simulate(9)

@@ -62,7 +62,8 @@ class SharedData(NamedTuple):
         :data:`DATA_DTYPE`.
     w
         ``(n_chunks, n_cells, chunk)`` boolean: the cells each gene is fitted on (``False`` for
-        padding).
+        padding); or ``(n_chunks, 1, chunk)`` when every gene is fitted on every cell (a
+        per-gene mask, broadcast over the cells: :func:`upcast_chunk`).
     std_u, std_s
         ``(n_genes_padded,)`` per-gene standard deviations used to standardise (float64).
     n_gene
@@ -111,15 +112,15 @@ def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) 
     n_padded = n_chunks * width
     xu = aligned_zeros((n_chunks, n_cells, width), DATA_DTYPE)  # aligned: JAX uses them in place
     xs = aligned_zeros((n_chunks, n_cells, width), DATA_DTYPE)
-    w = aligned_zeros((n_chunks, n_cells, width), bool)
+    w = aligned_zeros((n_chunks, 1 if weights is None else n_cells, width), bool)
     scales = {"u": np.ones(n_padded), "s": np.ones(n_padded)}
     given = {"u": std_u, "s": std_s}
     for k in range(n_chunks):
         cols = slice(k * width, min((k + 1) * width, n_genes))
         m = cols.stop - cols.start
-        wk = np.ones((n_cells, m), bool) if weights is None else np.asarray(weights[:, cols]) > 0
+        wk = np.ones((1, m), bool) if weights is None else np.asarray(weights[:, cols]) > 0
         w[k, :, :m] = wk
-        n = np.maximum(wk.sum(axis=0), 1)
+        n = np.maximum(np.broadcast_to(wk, (n_cells, m)).sum(axis=0), 1)
         for key, source, target in (("u", mu, xu), ("s", ms, xs)):
             x = np.asarray(source[:, cols], np.float64)
             if given[key] is None:
@@ -135,18 +136,20 @@ def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) 
 
 def _with_weights(xu, xs, w, std_u, std_s) -> SharedData:
     """Assemble :class:`SharedData` from chunked arrays (``w`` NumPy boolean, scales float64)."""
+    n_cells = xu.shape[1]
     log_scale = (np.log(std_u) + np.log(std_s)).reshape(w.shape[0], w.shape[2])
-    log_jac = np.zeros(w.shape[1])
+    log_jac = np.zeros(n_cells)
     for k in range(w.shape[0]):  # chunk by chunk: no full-size float copy of the weights
-        log_jac += w[k].astype(np.float64) @ log_scale[k]
+        log_jac += w[k].astype(np.float64) @ log_scale[k]  # (a per-gene mask broadcasts)
+    per_cell = n_cells // w.shape[1]  # cells each entry of w stands for: 1, or all of them
     return SharedData(
         xu=to_device(xu),
         xs=to_device(xs),
         w=to_device(w),
         std_u=jnp.asarray(std_u, jnp.float64),
         std_s=jnp.asarray(std_s, jnp.float64),
-        n_gene=jnp.asarray(w.sum(axis=1).reshape(-1), jnp.float64),
-        n_cell=jnp.asarray(2.0 * w.sum(axis=(0, 2))),
+        n_gene=jnp.asarray(per_cell * w.sum(axis=1).reshape(-1), jnp.float64),
+        n_cell=jnp.asarray(np.broadcast_to(2.0 * w.sum(axis=(0, 2)), (n_cells,))),
         log_jac=jnp.asarray(log_jac),
     )
 
@@ -160,18 +163,19 @@ def reweight(data: SharedData, weights) -> SharedData:
         Chunked data.
     weights
         ``(n_cells, n_genes)`` boolean cells each of the ``n_genes <= n_genes_padded`` genes is
-        fitted on (padding genes keep none).
+        fitted on (padding genes keep none): an array, or anything read as ``weights[:, cols]``
+        with a ``shape`` (read one chunk of columns at a time).
 
     Returns
     -------
     :class:`SharedData`.
     """
-    n_chunks, n_cells, width = data.w.shape
-    weights = np.asarray(weights)
+    n_chunks, n_cells, width = data.xu.shape
     w = aligned_zeros((n_chunks, n_cells, width), bool)
     for k in range(n_chunks):  # chunk by chunk: no transposed full-size copy
         cols = slice(k * width, min((k + 1) * width, weights.shape[1]))
-        w[k, :, : cols.stop - cols.start] = weights[:, cols] > 0
+        if cols.stop > cols.start:  # (a chunk of padding only keeps no cell)
+            w[k, :, : cols.stop - cols.start] = weights[:, cols] > 0
     return _with_weights(data.xu, data.xs, w, np.asarray(data.std_u), np.asarray(data.std_s))
 
 
@@ -193,6 +197,8 @@ def subset_cells(data: SharedData, cells) -> SharedData:
 
     def take(a):
         a = np.asarray(a)
+        if a.shape[1] == 1:  # a per-gene mask holds for any cells
+            return a
         out = aligned_empty((a.shape[0], cells.size, a.shape[2]), a.dtype)
         return np.take(a, cells, axis=1, out=out)
 
@@ -217,7 +223,7 @@ def cell_block(data: SharedData, start, size: int) -> SharedData:
     """
     cells = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
     return data._replace(
-        xu=cells(data.xu, 1), xs=cells(data.xs, 1), w=cells(data.w, 1),
+        xu=cells(data.xu, 1), xs=cells(data.xs, 1), w=data.w if data.w.shape[1] == 1 else cells(data.w, 1),
         n_cell=cells(data.n_cell, 0), log_jac=cells(data.log_jac, 0),
     )
 
@@ -234,9 +240,9 @@ def upcast_chunk(xu, xs, w, like):
 
     Returns
     -------
-    ``(xu, xs, w)`` of ``like``'s dtype.
+    ``(xu, xs, w)`` of ``like``'s dtype, ``w`` broadcast to the cells (a per-gene mask).
     """
-    return xu.astype(like.dtype), xs.astype(like.dtype), w.astype(like.dtype)
+    return xu.astype(like.dtype), xs.astype(like.dtype), jnp.broadcast_to(w, xu.shape).astype(like.dtype)
 
 
 def _chunks(data: SharedData, *per_gene):
@@ -642,7 +648,7 @@ def align_gene_fit(data: SharedData, grid, params, span, tau, n_rounds: int = 2,
     rows = np.arange(n_cells)
     if n_cells > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(n_cells, max_cells, replace=False))
-    sub = data._replace(xu=data.xu[:, rows], xs=data.xs[:, rows], w=data.w[:, rows])
+    sub = data._replace(xu=data.xu[:, rows], xs=data.xs[:, rows], w=data.w if data.w.shape[1] == 1 else data.w[:, rows])
     shape, span = jnp.asarray(shape), jnp.asarray(span)
     tau = np.asarray(tau, np.float64)
     for _ in range(max(n_rounds, 1)):

@@ -225,14 +225,18 @@ def write_latent_time(adata, q, grid, prior, trace, clock, std, roots, info: dic
     info
         Extra entries of ``uns["velofit"]["latent_time_params"]``.
     """
-    q = np.asarray(q, np.float64)
-    q = q / np.sum(q, axis=1, keepdims=True)
     reverse = roots is not None and np.mean(clock[roots]) > np.mean(clock)
     if reverse:  # the grid is symmetric on [0, 1]: reversing it maps t to 1 - t
-        q, prior, clock = q[:, ::-1], np.asarray(prior)[::-1], 1.0 - clock
+        prior, clock = np.asarray(prior)[::-1], 1.0 - clock
+    posterior = np.empty(np.shape(q), np.float32)  # normalised block by block: no float64 copy
+    step = max(1, 2**22 // max(posterior.shape[1], 1))
+    for start in range(0, posterior.shape[0], step):
+        block = np.asarray(q[start : start + step], np.float64)
+        block = block / np.sum(block, axis=1, keepdims=True)
+        posterior[start : start + step] = block[:, ::-1] if reverse else block
     adata.obs["latent_time"] = np.clip(clock, 0.0, 1.0)
     adata.obs["latent_time_std"] = std
-    adata.obsm["latent_time_posterior"] = q.astype(np.float32)
+    adata.obsm["latent_time_posterior"] = posterior
     trace = np.asarray(trace, np.float64)
     store = dict(adata.uns.get("velofit", {}))
     store.update(
@@ -365,7 +369,7 @@ def shared_data(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> s
 
 
 def fitting_cells(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> np.ndarray:
-    """The cells each gene's per-gene fit uses (both moments positive, ...), gene chunk by chunk.
+    """The cells each gene's per-gene fit uses, as one boolean array (read gene chunk by chunk).
 
     Parameters
     ----------
@@ -378,15 +382,41 @@ def fitting_cells(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) ->
 
     Returns
     -------
-    ``(n_obs, genes.size)`` boolean (:func:`velofit.core.initialize.gene_statistics`' weights).
+    ``(n_obs, genes.size)`` boolean (see :class:`FittingCells`).
     """
-    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
-    width = chunk_width(*mu.shape)
-    weights = np.empty(mu.shape, bool)
+    mask = FittingCells(adata, genes, layers)
+    width = chunk_width(*mask.shape)
+    weights = np.empty(mask.shape, bool)
     for start in range(0, genes.size, width):
         cols = slice(start, start + width)
-        weights[:, cols] = gene_statistics(mu[:, cols], ms[:, cols]).weights > 0
+        weights[:, cols] = mask[:, cols]
     return weights
+
+
+class FittingCells:
+    """The cells each gene's per-gene fit uses, computed for the columns asked for.
+
+    ``mask[:, cols]`` reads those genes' moments and returns
+    :func:`velofit.core.initialize.gene_statistics`' weights ``> 0`` (both moments positive,
+    ...), so a pass over gene chunks (e.g. :func:`velofit.core.shared_time.reweight`) never
+    holds the whole ``n_obs x n_genes`` mask.
+
+    Parameters
+    ----------
+    adata
+        The data.
+    genes
+        Positions of the genes.
+    layers
+        ``(spliced, unspliced)`` layer names.
+    """
+
+    def __init__(self, adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> None:
+        self.mu, self.ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
+        self.shape = self.mu.shape
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return gene_statistics(self.mu[key], self.ms[key]).weights > 0
 
 
 class _GeneColumns:

@@ -25,10 +25,10 @@ from ._latent_time import (
     DEFAULT_N_GRID,
     DEFAULT_REFINE_ITER,
     DEFAULT_SUBSAMPLE,
+    FittingCells,
     _fitted_genes,
     _layers,
     annealing,
-    fitting_cells,
     gene_clocks,
     run_subsampled,
     shared_data,
@@ -185,7 +185,7 @@ def recover_dynamics_shared(
         if em == "hard":
             clock = st.shared_times_jit(state.theta, state.var_u, state.var_s, data, grid)[0]
         # Residual variances over each gene's fitting cells (the per-gene fit's definition).
-        fit_data = st.reweight(data, fitting_cells(out, genes, layers))
+        fit_data = st.reweight(data, FittingCells(out, genes, layers))
         fit_var_u, fit_var_s = st.residual_variances_jit(state.theta, clock, fit_data, floor=0.0)
         n = genes.size
         result = {
@@ -201,10 +201,12 @@ def recover_dynamics_shared(
         # The chunked copy of the data goes before the n_obs x n_genes outputs are written.
         del data, fit_data, state
         release_free_memory()
-    _write_shared_fit(out, genes, result, clock, t_max)
     out.obs["velofit_cell_noise"] = cell_noise
     info = {"mode": "shared", "em": em, "prior": prior, "n_genes": int(genes.size)}
     write_latent_time(out, q, grid, np.exp(log_pi), trace, clock, std, None, info)
+    del q  # the float64 posterior goes before the n_obs x n_genes time layers are allocated
+    release_free_memory()
+    _write_shared_fit(out, genes, result, clock, t_max)
     out.uns["velofit"]["shared_fit"] = {
         "genes": np.asarray(out.var_names[genes]).astype(str),
         "theta": result["theta"],
