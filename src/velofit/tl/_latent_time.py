@@ -364,7 +364,7 @@ def shared_data(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> s
     -------
     :class:`~velofit.core.shared_time.SharedData`.
     """
-    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
+    mu, ms = _moment_columns(adata, genes, layers)
     return st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
 
 
@@ -412,11 +412,16 @@ class FittingCells:
     """
 
     def __init__(self, adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> None:
-        self.mu, self.ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
+        self.mu, self.ms = _moment_columns(adata, genes, layers)
         self.shape = self.mu.shape
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
         return gene_statistics(self.mu[key], self.ms[key]).weights > 0
+
+
+def _moment_columns(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
+    """``(Mu, Ms)`` of ``genes`` as :class:`_GeneColumns` (read ``[:, cols]`` chunk by chunk)."""
+    return tuple(_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
 
 
 class _GeneColumns:
@@ -476,7 +481,7 @@ def _posterior_of_shared_fit(adata: AnnData, shared: dict, layers: tuple[str, st
     order = np.argsort(genes, kind="stable")  # the readers take columns in var order
     genes = genes[order]
     shared = {**shared, **{key: np.asarray(shared[key])[..., order] for key in ("theta", "var_u", "var_s", "std_u", "std_s")}}
-    mu, ms = (_GeneColumns(reader) for reader in layer_readers(adata, (layers[1], layers[0]), genes))
+    mu, ms = _moment_columns(adata, genes, layers)
     grid = np.asarray(shared["time_grid"], np.float64)
     n = genes.size
     with jax.enable_x64(True):
