@@ -84,9 +84,11 @@ def recover_dynamics(
         Annotated data with spliced and unspliced moments (see :func:`velofit.pp.moments`).
     time
         ``"gene"``: every gene its own clock (this function's per-gene EM). ``"shared"``: one
-        clock for all genes, fitted by :func:`velofit.tl.recover_dynamics_shared` after the
-        per-gene fit (``max_iter``, ``n_explicit``, ``tol`` and ``chunk_size`` then apply to
-        that per-gene start only through its defaults).
+        clock for all genes, fitted by :func:`velofit.tl.recover_dynamics_shared` with its
+        defaults after the per-gene fit. The per-gene options (``max_iter``, ``n_explicit``,
+        ``tol``, ``chunk_size``, ``memory_budget``, ``backend``, ``client``, ``device``) are
+        then an error unless left at their defaults: call ``recover_dynamics_shared`` for the
+        shared fit's own settings.
     em
         ``"hard"`` or ``"soft"`` (posterior over a time grid, MODEL.md section 5; needs
         ``time="shared"``).
@@ -171,6 +173,17 @@ def recover_dynamics(
         raise VelofitInputError(f"prior must be 'learned' or 'uniform', got {prior!r}")
     if time == "shared":
         from ._shared import recover_dynamics_shared  # imports this module: load on use
+
+        per_gene_only = {"max_iter": (max_iter, 20), "n_explicit": (n_explicit, 0), "tol": (tol, 1e-3),
+                         "chunk_size": (chunk_size, None), "memory_budget": (memory_budget, None),
+                         "backend": (backend, "local"), "client": (client, None), "device": (device, "auto")}
+        ignored = [name for name, (value, default) in per_gene_only.items() if value is not default and value != default]
+        if ignored:
+            raise VelofitInputError(
+                f"recover_dynamics(time='shared') does not use {', '.join(ignored)} (options of the per-gene "
+                f"fit); call velofit.tl.recover_dynamics_shared for the shared fit's own settings "
+                f"(max_iter, tol, n_grid, subsample, refine_iter), or time='gene'"
+            )
 
         return recover_dynamics_shared(
             adata, em=em, prior=prior, var_names=var_names, spliced_layer=spliced_layer,
