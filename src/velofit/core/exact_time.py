@@ -56,8 +56,10 @@ def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, 
     ``(n_cells, n_genes)``.
     """
     spacing = length / (n_grid - 1)
-    grid = spacing * jnp.arange(n_grid, dtype=u.dtype)[:, None]  # (n_grid, n_genes)
+    points = jnp.arange(n_grid, dtype=u.dtype).reshape((n_grid,) + (1,) * jnp.ndim(spacing))
+    grid = spacing * points  # (n_grid, *length.shape)
     grid_u, grid_s = phase_state(grid, u0, s0, alpha_k, beta, gamma)
+    shape = jnp.broadcast_shapes(u.shape, grid.shape[1:])
     wu, ws = 1.0 / (std_u * std_u), 1.0 / (std_s * std_s)
 
     def scan_grid(carry, point):
@@ -68,7 +70,7 @@ def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, 
         better = dist < best_dist
         return (jnp.where(better, dist, best_dist), jnp.where(better, tau, best_tau)), None
 
-    init = (jnp.full(u.shape, jnp.inf, u.dtype), jnp.zeros(u.shape, u.dtype))
+    init = (jnp.full(shape, jnp.inf, u.dtype), jnp.zeros(shape, u.dtype))
     (dist, tau), _ = jax.lax.scan(scan_grid, init, (grid_u, grid_s, grid))
     return tau, dist
 
@@ -104,7 +106,7 @@ def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u
     """
     args = (u, s, u0, s0, alpha_k, beta, gamma, std_u, std_s)
     dist, grad, hess = _curve_terms(tau, *args)
-    radius = jnp.broadcast_to(radius, u.shape)
+    radius = jnp.broadcast_to(radius, tau.shape)
 
     def refine(_, carry):
         tau, dist, grad, hess, radius = carry
@@ -154,15 +156,14 @@ def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n
     u_, s_ = switch_state(params)
     scales = (std_u, std_s)
 
-    def nearest_in_phase(u0, s0, alpha_k, length):
-        tau, _ = grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid)
-        radius = length / (n_grid - 1)
-        return refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, *scales, n_newton)
-
-    tau_on, d_on = nearest_in_phase(zero, zero, alpha, t_)
-    tau_off, d_off = nearest_in_phase(u_, s_, zero, tau_max)
-    on = d_on <= d_off
-    return jnp.where(on, tau_on, t_ + tau_off), jnp.where(on, d_on, d_off)
+    # Both phases at once along a leading axis (induction, repression): one program, half the code.
+    u0, s0, alpha_k, length = (jnp.stack([a, b])[:, None, :] for a, b in
+                               ((zero, u_), (zero, s_), (alpha, zero), (t_, tau_max)))
+    tau, _ = grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid)
+    radius = length / (n_grid - 1)
+    tau, dist = refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, *scales, n_newton)
+    on = dist[0] <= dist[1]
+    return jnp.where(on, tau[0], t_ + tau[1]), jnp.where(on, dist[0], dist[1])
 
 
 def local_times(t_prev, u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n_newton=4):
