@@ -86,7 +86,15 @@ def test_latent_time_after_per_gene_fit_runs_forward_and_roots_reverse_it(fitted
     assert q.shape == (N_OBS, N_GRID) and q.dtype == np.float32
     np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-5)
     grid = adata.uns["velofit"]["time_grid"]
-    np.testing.assert_allclose(lt, q.astype(float) @ grid, atol=1e-5)
+    # the posterior mean, refined below the grid step where the posterior is narrower than one
+    mean = q.astype(float) @ grid
+    grid_std = np.sqrt(np.maximum(q.astype(float) @ grid**2 - mean**2, 0.0))
+    spacing = grid[1] - grid[0]
+    broad, sharp = grid_std > 1.01 * spacing, grid_std < 0.99 * spacing
+    np.testing.assert_allclose(lt[broad], mean[broad], atol=1e-5)
+    assert np.all(np.abs(lt[sharp] - mean[sharp]) <= spacing + 1e-6)
+    assert sharp.sum() >= 10 and broad.sum() >= 10
+    assert np.mean(np.abs(lt[sharp] - mean[sharp]) > 1e-3 * spacing) > 0.5  # moved off the grid's mean
     assert adata.uns["velofit"]["prior"].shape == (N_GRID,)
     trace = adata.uns["velofit"]["loglik"]
     assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))

@@ -412,13 +412,40 @@ def shared_times(theta, var_u, var_s, data: SharedData, grid, n_newton: int = 3)
     """
     dist, _ = grid_distances(theta, var_u, var_s, data, grid)
     t = grid[jnp.argmin(dist, axis=1)]
-    lo, hi = grid[0], grid[-1]
-    radius = jnp.full_like(t, (hi - lo) / (grid.shape[0] - 1))
+    spacing = (grid[-1] - grid[0]) / (grid.shape[0] - 1)
+    return refine_times(t, theta, var_u, var_s, data, grid[0], grid[-1], spacing, n_newton)
+
+
+def refine_times(t, theta, var_u, var_s, data: SharedData, lo, hi, radius, n_newton: int):
+    """Safeguarded Newton steps on every cell's summed weighted squared residual ``f``.
+
+    Steps are clipped to a trust region (``radius``, shrunk four-fold after a rejected step)
+    and to ``[lo, hi]``, and kept only if they lower ``f``: the result is never worse than
+    the starting time.
+
+    Parameters
+    ----------
+    t
+        ``(n_cells,)`` starting clock times.
+    theta, var_u, var_s, data
+        As for :func:`shared_times`.
+    lo, hi
+        Bounds of the times (scalars or ``(n_cells,)``).
+    radius
+        Initial trust radius (scalar or ``(n_cells,)``).
+    n_newton
+        Newton steps (static).
+
+    Returns
+    -------
+    ``(t, f)``: ``(n_cells,)`` times and their summed weighted squared residuals.
+    """
+    radius = jnp.broadcast_to(radius, t.shape).astype(t.dtype)
     inf = jnp.full_like(t, jnp.inf)
     zero = jnp.zeros_like(t)
 
     def refine(_, carry):
-        # The first pass evaluates the grid time itself (g = 0 gives a zero step, f = inf accepts).
+        # The first pass evaluates the starting time itself (g = 0 gives a zero step, f = inf accepts).
         t, (f, g, h), radius = carry
         newton = jnp.where(h > 0, -g / jnp.where(h > 0, h, 1.0), -jnp.sign(g) * radius)
         cand = jnp.clip(t + jnp.clip(newton, -radius, radius), lo, hi)

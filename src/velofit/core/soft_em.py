@@ -47,6 +47,7 @@ from .shared_time import (
     cell_block,
     grid_distances,
     predict,
+    refine_times,
     score_terms,
     upcast_chunk,
 )
@@ -701,7 +702,14 @@ def posterior_moments(q, grid):
 
 
 def posterior_spread(state: SoftEMState, data: SharedData, grid):
-    """Posterior mean and spread of every cell's time, not floored by the grid spacing.
+    """Posterior mean and spread of every cell's time, neither rounded nor floored by the grid.
+
+    The mean is the posterior's, except where the posterior is narrower than a grid step
+    (most cells, with many genes): the posterior mean there is the grid point holding the
+    mass, and cells of a cluster would share a handful of values. Those cells get the
+    continuous minimiser of their summed residual ``f`` within one grid step of that mean
+    (:func:`~velofit.core.shared_time.refine_times`), i.e. the mean of the Laplace
+    approximation.
 
     The spread is the largest of three standard deviations:
 
@@ -730,6 +738,10 @@ def posterior_spread(state: SoftEMState, data: SharedData, grid):
     ``(mean, std)``, each ``(n_cells,)``.
     """
     mean, std = posterior_moments(state.q, grid)
+    spacing = (grid[-1] - grid[0]) / (grid.shape[0] - 1)
+    lo, hi = jnp.maximum(mean - spacing, grid[0]), jnp.minimum(mean + spacing, grid[-1])
+    refined, _ = refine_times(mean, state.theta, state.var_u, state.var_s, data, lo, hi, 0.5 * spacing, n_newton=3)
+    mean = jnp.where(std < spacing, refined, mean)
     h, s2 = score_terms(mean, state.theta, state.var_u, state.var_s, data)
     curved = h > 0
     safe_h = jnp.where(curved, h, 1.0)
