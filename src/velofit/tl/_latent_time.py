@@ -66,8 +66,8 @@ def latent_time(
     the time prior are refined by soft EM over a grid (MODEL.md section 5; only the maps move),
     after a few annealed iterations whose broad posteriors let cells cross gaps.
     After a shared fit (``recover_dynamics(adata, time="shared")``) the stored shared model is
-    used as is. The posterior over the grid gives each cell's time (its mean) and spread (its
-    standard deviation).
+    used as is. The posterior over the grid gives each cell's time (its mean, refined below the
+    grid step) and spread (its standard deviation).
 
     Direction: every gene's clock runs forward (induction before repression, rates > 0), so
     the shared clock does too. Root cells, if given, override it: if they lie later than
@@ -104,8 +104,10 @@ def latent_time(
     -------
     ``None``, or a copy if ``copy=True``. Written:
 
-    ``obs["latent_time"]``: posterior mean time in ``[0, 1]`` (after a hard shared fit: the
-    refined best time); ``obs["latent_time_std"]``: posterior standard deviation (not below
+    ``obs["latent_time"]``: posterior mean time in ``[0, 1]``, where the posterior is
+    narrower than a grid step the continuous best time within a step of it (see
+    :func:`velofit.core.soft_em.posterior_spread`; after a hard shared fit: the refined best
+    time); ``obs["latent_time_std"]``: posterior standard deviation (not below
     the Laplace width where the posterior is narrower than a grid step); ``obs["velofit_cell_noise"]``: the cell's noise factor;
     ``obsm["latent_time_posterior"]``: ``(n_obs, n_grid)`` float32 posterior;
     ``uns["velofit"]``: ``"time_grid"`` ``(n_grid,)``, ``"prior"`` ``(n_grid,)`` prior
