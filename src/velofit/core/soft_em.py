@@ -708,8 +708,9 @@ def posterior_spread(state: SoftEMState, data: SharedData, grid):
     (most cells, with many genes): the posterior mean there is the grid point holding the
     mass, and cells of a cluster would share a handful of values. Those cells get the
     continuous minimiser of their summed residual ``f`` within one grid step of that mean
-    (:func:`~velofit.core.shared_time.refine_times`), i.e. the mean of the Laplace
-    approximation.
+    (:func:`~velofit.core.shared_time.refine_times`): the mode of the cell's likelihood, which
+    the Laplace approximation takes as its mean (the prior, defined on the grid, is not
+    interpolated between grid points).
 
     The spread is the largest of three standard deviations:
 
