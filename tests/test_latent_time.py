@@ -85,7 +85,12 @@ def test_latent_time_after_per_gene_fit_runs_forward_and_roots_reverse_it(fitted
     q = adata.obsm["latent_time_posterior"]
     assert q.shape == (N_OBS, N_GRID) and q.dtype == np.float32
     np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-5)
-    grid = adata.uns["velofit"]["time_grid"]
+    # latent time is the clock rescaled to the cells' range: the earliest cell 0, the latest 1
+    assert lt.min() == 0.0 and lt.max() == 1.0
+    lo, hi = adata.uns["velofit"]["latent_time_params"]["clock_range"]
+    assert 0.0 <= lo < hi <= 1.0
+    grid = adata.uns["velofit"]["time_grid"]  # in latent-time units
+    np.testing.assert_allclose(lo + (hi - lo) * grid, np.linspace(0.0, 1.0, N_GRID), atol=1e-12)
     # the posterior mean, refined below the grid step where the posterior is narrower than one
     mean = q.astype(float) @ grid
     grid_std = np.sqrt(np.maximum(q.astype(float) @ grid**2 - mean**2, 0.0))
@@ -139,7 +144,9 @@ def test_shared_fit_and_latent_time_after_it(fitted, em):
         assert np.all(np.isfinite(adata.var[key]))
     # fit_t is the gene time on the shared clock: induction then repression
     t_gene = adata.layers["fit_t"]
-    expected = T_MAX * np.maximum(adata.obs["latent_time"].to_numpy()[:, None] - adata.var["fit_t0"].to_numpy() / T_MAX, 0)
+    lo, hi = adata.uns["velofit"]["latent_time_params"]["clock_range"]  # latent time 0 and 1 on the clock
+    clock = lo + (hi - lo) * adata.obs["latent_time"].to_numpy()
+    expected = T_MAX * np.maximum(clock[:, None] - adata.var["fit_t0"].to_numpy() / T_MAX, 0)
     np.testing.assert_allclose(t_gene, expected, atol=1e-6 * T_MAX)
     before = adata.obs["latent_time"].to_numpy().copy()
     latent_time(adata)  # reuses the shared model

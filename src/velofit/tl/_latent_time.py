@@ -104,15 +104,20 @@ def latent_time(
     -------
     ``None``, or a copy if ``copy=True``. Written:
 
-    ``obs["latent_time"]``: posterior mean time in ``[0, 1]``, where the posterior is
-    narrower than a grid step the continuous best time within a step of it (see
+    ``obs["latent_time"]``: each cell's clock time, rescaled so that the cells span
+    ``[0, 1]`` (the earliest cell 0, the latest 1, as scVelo's latent time; the clock's own
+    origin and scale are not identified, so the cells may occupy only part of it). The clock
+    time is the posterior mean, or, where the posterior is narrower than a grid step, the
+    continuous best time within a step of it (see
     :func:`velofit.core.soft_em.posterior_spread`; after a hard shared fit: the refined best
-    time); ``obs["latent_time_std"]``: posterior standard deviation (not below
-    the Laplace width where the posterior is narrower than a grid step); ``obs["velofit_cell_noise"]``: the cell's noise factor;
-    ``obsm["latent_time_posterior"]``: ``(n_obs, n_grid)`` float32 posterior;
-    ``uns["velofit"]``: ``"time_grid"`` ``(n_grid,)``, ``"prior"`` ``(n_grid,)`` prior
-    weights, ``"loglik"`` log-likelihood per EM iteration, ``"latent_time_params"`` (mode,
-    prior, direction, number of genes, roots).
+    time). ``obs["latent_time_std"]``: posterior standard deviation in the same units (not
+    below the Laplace width where the posterior is narrower than a grid step);
+    ``obs["velofit_cell_noise"]``: the cell's noise factor;
+    ``obsm["latent_time_posterior"]``: ``(n_obs, n_grid)`` float32 posterior over the grid;
+    ``uns["velofit"]``: ``"time_grid"`` ``(n_grid,)`` the grid in latent-time units (it may
+    extend beyond ``[0, 1]``), ``"prior"`` ``(n_grid,)`` prior weights, ``"loglik"``
+    log-likelihood per EM iteration, ``"latent_time_params"`` (mode, prior, direction,
+    number of genes, roots, and ``clock_range``: the clock times mapped to 0 and 1).
     """
     adata = check_adata(adata, what="latent_time")
     n_grid = check_int("n_grid", n_grid, minimum=3)
@@ -204,7 +209,7 @@ def root_mask(
 
 
 def write_latent_time(adata, q, grid, prior, trace, clock, std, roots, info: dict) -> None:
-    """Orient the clock by the roots and write the latent-time keys (see :func:`latent_time`).
+    """Orient the clock by the roots, rescale it to the cells' range and write the latent-time keys.
 
     Parameters
     ----------
@@ -230,25 +235,31 @@ def write_latent_time(adata, q, grid, prior, trace, clock, std, roots, info: dic
     reverse = roots is not None and np.mean(clock[roots]) > np.mean(clock)
     if reverse:  # the grid is symmetric on [0, 1]: reversing it maps t to 1 - t
         prior, clock = np.asarray(prior)[::-1], 1.0 - clock
+    # The clock's origin and scale are not identified (each gene's map absorbs them), so the
+    # cells may occupy any part of [0, 1]: latent time is the clock rescaled to the cells'
+    # range, as scVelo's is, and the spread and the displayed grid follow the same map.
+    lo, hi = float(np.min(clock)), float(np.max(clock))
+    span = hi - lo if hi > lo else 1.0
     posterior = np.empty(np.shape(q), np.float32)  # normalised block by block: no float64 copy
     step = max(1, 2**22 // max(posterior.shape[1], 1))
     for start in range(0, posterior.shape[0], step):
         block = np.asarray(q[start : start + step], np.float64)
         block = block / np.sum(block, axis=1, keepdims=True)
         posterior[start : start + step] = block[:, ::-1] if reverse else block
-    adata.obs["latent_time"] = np.clip(clock, 0.0, 1.0)
-    adata.obs["latent_time_std"] = std
+    adata.obs["latent_time"] = np.clip((clock - lo) / span, 0.0, 1.0)
+    adata.obs["latent_time_std"] = np.asarray(std) / span
     adata.obsm["latent_time_posterior"] = posterior
     trace = np.asarray(trace, np.float64)
     store = dict(adata.uns.get("velofit", {}))
     store.update(
-        time_grid=np.asarray(grid, np.float64),
+        time_grid=(np.asarray(grid, np.float64) - lo) / span,
         prior=np.asarray(prior, np.float64),
         loglik=trace[np.isfinite(trace)],
         latent_time_params={
             **info,
             "n_grid": int(np.size(grid)),
             "direction": "reversed (root cells)" if reverse else "forward",
+            "clock_range": np.array([lo, hi]),
             "n_root_cells": 0 if roots is None else int(roots.sum()),
             "velofit_version": __version__,
         },

@@ -126,8 +126,10 @@ def recover_dynamics_shared(
     with the shared fit's values (``var``: ``fit_alpha``, ``fit_beta``, ``fit_gamma``,
     ``fit_t_`` (induction length), ``fit_scaling``, ``fit_likelihood``, ``fit_loglik``,
     ``fit_alignment_scaling`` (``= t_max``), ``velocity_genes``; ``layers``: ``fit_t``
-    ``= t_max * max(t - t0, 0)``, ``fit_tau``, ``fit_tau_``), plus ``var["fit_t0"]`` (onset,
-    in units of ``t_max``), ``var["fit_sigma_u"]``, ``var["fit_sigma_s"]`` (noise standard
+    ``= t_max * max(t - t0, 0)``, ``fit_tau``, ``fit_tau_``; ``t`` is the cell's time on the
+    model's clock, ``clock_range[0] + (clock_range[1] - clock_range[0]) * latent_time`` with
+    ``uns["velofit"]["latent_time_params"]["clock_range"]``), plus ``var["fit_t0"]`` (onset
+    on that clock, in units of ``t_max``), ``var["fit_sigma_u"]``, ``var["fit_sigma_s"]`` (noise standard
     deviations in units of ``fit_std_u``/``fit_std_s``), every key of :func:`latent_time`,
     and ``uns["velofit"]["shared_fit"]`` (the model, for :func:`latent_time`).
     """
