@@ -229,11 +229,11 @@ def claim4_shared_vs_gene(quick: bool, lines: list[str], figures: dict) -> None:
     lines += [
         "## Claim 4: multi-gene time is more accurate than any per-gene time, increasingly with more genes",
         "",
-        f"{n_obs} cells; velofit simulator (noise 0.1) and scVelo's simulator (per-gene log-normal "
-        f"rates, noise level 1); seeds {seeds}. Spearman with the true time of: the multi-gene "
-        "latent time of the per-gene fit (`recover_dynamics`, then `latent_time`), the latent time "
-        "of the shared-time soft EM (uniform prior), and each gene's own `fit_t` (best and median "
-        "fitted gene of the per-gene fit).",
+        (f"{n_obs} cells; velofit simulator (noise 0.1) and scVelo's simulator (per-gene log-normal "
+         f"rates, noise level 1); seeds {seeds}. Spearman with the true time of: the multi-gene "
+         "latent time of the per-gene fit (`recover_dynamics`, then `latent_time`), the latent time "
+         "of the shared-time soft EM (uniform prior), and each gene's own `fit_t` (best and median "
+         "fitted gene of the per-gene fit)."),
         "",
         "| generator | seed | genes | per-gene fit + latent_time | shared-time soft EM | best gene | median gene |",
         "|---|---|---|---|---|---|---|",

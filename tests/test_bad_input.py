@@ -279,8 +279,8 @@ CASES = [
     ("bad_em", _same, _rd(em="fuzzy"), VelofitInputError, r"em must be 'hard' or 'soft', got 'fuzzy'"),
     ("soft_without_shared", _same, _rd(em="soft"), VelofitInputError, r"em='soft' .* pass time='shared'"),
     ("shared_with_per_gene_options", _same, _rd(time="shared", chunk_size=2), VelofitInputError,
-     r"time='shared'\) does not use max_iter, n_explicit, chunk_size \(options of the per-gene fit\); "
-     r"call velofit.tl.recover_dynamics_shared"),
+     (r"time='shared'\) does not use max_iter, n_explicit, chunk_size \(options of the per-gene fit\); "
+      r"call velofit.tl.recover_dynamics_shared")),
     ("max_iter_0", _same, _rd(max_iter=0, n_explicit=0), VelofitInputError, r"max_iter must be an integer >= 1, got 0"),
     ("max_iter_negative", _same, _rd(max_iter=-2, n_explicit=0), VelofitInputError, r"max_iter must be an integer >= 1"),
     ("max_iter_float", _same, _rd(max_iter=2.5), VelofitTypeError, r"max_iter must be an integer, got 2.5 of type float"),
