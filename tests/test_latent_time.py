@@ -221,3 +221,12 @@ def test_bad_input_names_the_fix(fitted):
     bare = vf.datasets.simulate(20, 3, seed=0)
     with pytest.raises(KeyError, match="recover_dynamics"):
         latent_time(bare)
+
+
+def test_recover_dynamics_with_time_shared_runs_the_shared_fit(fitted):
+    """``recover_dynamics(time="shared")`` with the per-gene options at their defaults runs the shared fit."""
+    adata = fitted.copy()
+    vf.tl.recover_dynamics(adata, time="shared", em="hard", max_iter=20, device="auto", progress=False)
+    params = adata.uns["recover_dynamics"]
+    assert params["time"] == "shared" and params["em"] == "hard"
+    assert spearmanr(adata.obs["latent_time"], adata.obs["true_t"])[0] > 0.95

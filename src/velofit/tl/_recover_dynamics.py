@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -174,10 +175,11 @@ def recover_dynamics(
     if time == "shared":
         from ._shared import recover_dynamics_shared  # imports this module: load on use
 
-        per_gene_only = {"max_iter": (max_iter, 20), "n_explicit": (n_explicit, 0), "tol": (tol, 1e-3),
-                         "chunk_size": (chunk_size, None), "memory_budget": (memory_budget, None),
-                         "backend": (backend, "local"), "client": (client, None), "device": (device, "auto")}
-        ignored = [name for name, (value, default) in per_gene_only.items() if value is not default and value != default]
+        per_gene_only = {"max_iter": max_iter, "n_explicit": n_explicit, "tol": tol, "chunk_size": chunk_size,
+                         "memory_budget": memory_budget, "backend": backend, "client": client, "device": device}
+        defaults = inspect.signature(recover_dynamics).parameters
+        ignored = [name for name, value in per_gene_only.items()
+                   if value is not defaults[name].default and value != defaults[name].default]
         if ignored:
             raise VelofitInputError(
                 f"recover_dynamics(time='shared') does not use {', '.join(ignored)} (options of the per-gene "
