@@ -39,7 +39,8 @@ class EMConfig(NamedTuple):
         led to optima of slightly lower loss but with worse rates and times, at no saving in
         time (``benchmarks/CLAIMS.md``, claims 1 and 2).
     n_lm
-        Levenberg-Marquardt steps per M-step.
+        Levenberg-Marquardt steps per M-step (one Jacobian per two steps:
+        :func:`~velofit.core.mstep.levenberg_marquardt`).
     n_jacobian_cells
         Most cells the EM iterates on (a seeded random subset is drawn by
         :func:`velofit.core.fit.fit_genes`; see :func:`run`); every cell is then timed exactly.

@@ -89,12 +89,17 @@ def gene_loss(theta, t, data: GeneData):
     return jnp.sum(data.weights * (ru * ru + rs * rs), axis=0)
 
 
-def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int):
+def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, jacobian_every: int = 2):
     """Run ``n_steps`` damped Gauss-Newton steps on every gene, times held fixed.
 
-    The step direction is computed from the Jacobian on the rows ``data.sample`` (so its
-    cost does not grow with the number of cells); whether a step is taken is decided on the
-    loss over all cells, so the full loss never increases.
+    The Jacobian is computed at the start of every ``jacobian_every`` steps and reused by the
+    steps in between (a chord method): each step solves the damped normal equations with the
+    residuals at the current parameters. The Jacobian is what costs (five tangents of the
+    trajectory), so a step that reuses it costs about a seventh of one that does not. Measured against a fresh Jacobian per step
+    (n_steps=2, pancreas_739's 949 velocity genes and two simulators): the same or slightly
+    lower final losses (mean 0.6% lower on pancreas, 0.03% on simulated data), an M-step 1.4x
+    faster. A step is kept only where it lowers that gene's loss, so the M-step never
+    increases any gene's loss.
 
     A variable-projection variant (times eliminated per cell, moved with the parameters)
     was measured and rejected: it stopped at higher losses than this plain alternation.
@@ -110,9 +115,12 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int):
     t
         ``(n_cells, n_genes)`` absolute times (held fixed).
     data
-        Observed data.
+        Observed data; the Jacobian and the residuals of the normal equations are taken
+        on the rows ``data.sample``, the loss that decides each step on every row.
     n_steps
-        Number of steps (static).
+        Number of steps.
+    jacobian_every
+        Steps per Jacobian; ``1`` is plain Levenberg-Marquardt.
 
     Returns
     -------
@@ -124,14 +132,18 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int):
     rows = data.sample
     if rows.shape[0] == t.shape[0]:  # a sample of every row is every row, in order
         sub_t, sub = t, data
+
+        def on_sample(r):
+            return r
     else:
         sub_t = t[rows]
         sub = data._replace(mu=data.mu[rows], ms=data.ms[rows], weights=data.weights[rows])
+
+        def on_sample(r):
+            return r[rows]
     w = sub.weights
 
-    def one_step(_, carry):
-        theta, damping, loss = carry
-
+    def jacobian(theta):
         # One primal evaluation, then the five tangents from the linearisation, materialised:
         # a JVP per column recomputed the exponentials five times, and without the barrier XLA
         # re-evaluates them inside every product of the normal equations (measured 3x slower).
@@ -141,20 +153,31 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int):
         # einsum (a batched dot per gene) rather than sums over cells: its rounding does not
         # depend on how many genes share the chunk, so results are bitwise chunk-independent.
         jtj = jnp.einsum("kcg,lcg->gkl", wju, ju) + jnp.einsum("kcg,lcg->gkl", wjs, js)
-        jtr = jnp.einsum("kcg,cg->gk", wju, ru) + jnp.einsum("kcg,cg->gk", wjs, rs)
         diag = jnp.diagonal(jtj, axis1=1, axis2=2)
         scale = jnp.maximum(diag, 1e-12 * (1.0 + jnp.max(diag, axis=1, keepdims=True)))
+        return wju, wjs, jtj, scale, ru, rs
+
+    def one_step(i, carry):
+        theta, damping, loss, lin = carry
+        lin = jax.lax.cond(i % jacobian_every == 0, jacobian, lambda _: lin, theta)
+        wju, wjs, jtj, scale, ru, rs = lin
+        jtr = jnp.einsum("kcg,cg->gk", wju, ru) + jnp.einsum("kcg,cg->gk", wjs, rs)
         lhs = jtj + (damping[:, None] * scale)[:, :, None] * eye
         delta = jnp.linalg.solve(lhs, -jtr[..., None])[..., 0]  # (n_genes, 5)
         biggest = jnp.max(jnp.abs(delta), axis=1, keepdims=True)
         delta = delta * jnp.minimum(1.0, _MAX_LOG_STEP / jnp.maximum(biggest, 1e-30))
         delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
         cand = theta + delta.T
-        cand_loss = gene_loss(cand, t, data)
+        cand_ru, cand_rs = residuals(cand, t, data)
+        cand_loss = jnp.sum(data.weights * (cand_ru * cand_ru + cand_rs * cand_rs), axis=0)
         accept = jnp.isfinite(cand_loss) & (cand_loss < loss)
         theta = jnp.where(accept[None, :], cand, theta)
         loss = jnp.where(accept, cand_loss, loss)
+        ru, rs = jnp.where(accept, on_sample(cand_ru), ru), jnp.where(accept, on_sample(cand_rs), rs)
         damping = jnp.clip(jnp.where(accept, damping * 0.3, damping * 10.0), 1e-9, 1e9)
-        return theta, damping, loss
+        return theta, damping, loss, (wju, wjs, jtj, scale, ru, rs)
 
-    return jax.lax.fori_loop(0, n_steps, one_step, (theta, damping, loss))
+    # The first step computes the Jacobian; these zeros only give the loop its carry's shapes.
+    lin = jax.tree.map(jnp.zeros_like, jax.eval_shape(jacobian, theta))
+    theta, damping, loss, _ = jax.lax.fori_loop(0, n_steps, one_step, (theta, damping, loss, lin))
+    return theta, damping, loss
