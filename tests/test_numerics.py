@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from _reference import model, poisson_counts
 from anndata import AnnData
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from velofit import tl
 from velofit.core.fit import STATUS_OK
@@ -122,6 +124,24 @@ def test_masked_quantile_matches_numpy():
     for q in (0.0, 50.0, 98.0, 100.0):
         expected = [np.percentile(x[mask[:, j], j], q) for j in range(6)]
         np.testing.assert_allclose(masked_quantile(x, mask, q), expected, rtol=1e-14)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_cells=st.integers(1, 30),
+    n_genes=st.integers(1, 5),
+    q=st.sampled_from([0.0, 1.0, 25.0, 49.9, 50.0, 75.0, 98.0, 99.0, 100.0]),
+    tied=st.booleans(),
+    keep=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_masked_quantile_matches_numpy_on_any_mask(n_cells, n_genes, q, tied, keep, seed):
+    """Partition-based order statistics: numpy's percentile per column, ties and empty columns included."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 4, (n_cells, n_genes)).astype(float) if tied else rng.standard_normal((n_cells, n_genes))
+    mask = rng.random((n_cells, n_genes)) < keep
+    expected = [np.percentile(x[mask[:, j], j], q) if mask[:, j].any() else np.nan for j in range(n_genes)]
+    np.testing.assert_allclose(masked_quantile(x, mask, q), expected, rtol=1e-13, atol=1e-13)
 
 
 def test_beta_equal_gamma_data_fits_finitely():
