@@ -551,15 +551,18 @@ def _assign_times(theta, t_prev, arrays, pad, std_u, std_s, config: EMConfig, de
     n_cells, width = t_prev.shape
     block = time_block(n_cells)
     program = times_program(block, width, config, device)
-    t = np.empty((n_cells, width))
-    loss = np.zeros(width)
+    pending = []
     for start in range(0, n_cells, block):
         rows = np.arange(start, start + block)
         rows[rows >= n_cells] = start
         mu, ms, w = (np.asarray(a[np.ix_(rows, pad)], dtype=np.float64) for a in arrays)
         w[start + np.arange(block) >= n_cells] = 0.0
         data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, jnp.arange(block))
-        t_block, loss_block = program(theta, jnp.asarray(t_prev[rows]), data)
+        # Dispatch is asynchronous: the next block is gathered while this one computes.
+        pending.append((start, program(theta, jnp.asarray(t_prev[rows]), data)))
+    t = np.empty((n_cells, width))
+    loss = np.zeros(width)
+    for start, (t_block, loss_block) in pending:
         n = min(block, n_cells - start)
         t[start : start + n] = np.asarray(t_block)[:n]
         loss += np.asarray(loss_block)
