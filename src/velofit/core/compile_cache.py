@@ -160,7 +160,7 @@ def _disk_key(jitted: Callable, signature: tuple, device: jax.Device) -> str:
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _prepare_runtime(platform: str) -> None:
     """Set up what a loaded program calls but only lowering sets up.
 

@@ -311,7 +311,8 @@ def fit_columns(
 
     def read_fit(cols: np.ndarray) -> tuple:
         genes = position[int(cols[0])]
-        return (*read(cols), prepared[int(cols[0])].ok, pool.theta[:, genes], pool.t[:, genes],
+        prep = prepared[int(cols[0])]
+        return (*read(cols), prep.bounds, prep.ok, pool.theta[:, genes], pool.t[:, genes],
                 pool.trace[:, genes], pool.converged[genes], pool.n_iter[genes])
 
     task = partial(finish_chunk, width=width, sample=sample, config=config, device=device)
@@ -379,6 +380,10 @@ class Prepared:
         ``(5, len(ok))`` initial log-parameters.
     mu, ms, weights
         ``(n_sample, len(ok))`` float64 moments and weights of the iterated cells.
+    bounds
+        ``(2, k)`` upper bounds of the cells each gene is fitted on
+        (:attr:`~velofit.core.initialize.GeneStatistics.bounds`), so that the last pass
+        need not compute the percentiles again.
     """
 
     std_u: np.ndarray
@@ -392,6 +397,7 @@ class Prepared:
     mu: np.ndarray
     ms: np.ndarray
     weights: np.ndarray
+    bounds: np.ndarray
 
 
 def _as_fortran(mu: np.ndarray, ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -432,12 +438,12 @@ def prepare_chunk(mu: np.ndarray, ms: np.ndarray, *, sample: np.ndarray) -> Prep
     return Prepared(
         std_u=stats.std_u, std_s=stats.std_s, n_cells=stats.n_cells, status=status, ok=ok,
         std_u_ok=stats.std_u[ok], std_s_ok=stats.std_s[ok], theta0=theta0,
-        mu=mu[rows], ms=ms[rows], weights=stats.weights[rows].astype(np.float64),
+        mu=mu[rows], ms=ms[rows], weights=stats.weights[rows].astype(np.float64), bounds=stats.bounds,
     )
 
 
 def finish_chunk(
-    mu: np.ndarray, ms: np.ndarray, ok: np.ndarray, theta: np.ndarray, t_sample: np.ndarray, trace: np.ndarray,
+    mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray, ok: np.ndarray, theta: np.ndarray, t_sample: np.ndarray, trace: np.ndarray,
     converged: np.ndarray, n_iter: np.ndarray, *, width: int, sample: np.ndarray, config: EMConfig,
     device: str = "auto",
 ) -> ChunkFit:
@@ -447,6 +453,8 @@ def finish_chunk(
     ----------
     mu, ms
         ``(n_cells, k)`` moments of the chunk's genes.
+    bounds
+        ``(2, k)`` upper bounds of their fitting cells, from :func:`prepare_chunk`.
     ok
         Positions of its genes fitted by the EM.
     theta
@@ -470,7 +478,7 @@ def finish_chunk(
     """
     mu, ms = _as_fortran(mu, ms)
     n_cells = mu.shape[0]
-    stats = gene_statistics(mu, ms)
+    stats = gene_statistics(mu, ms, bounds)
     status, _ = _fittable(stats)
     status[ok] = STATUS_NONFINITE
     chunk = ChunkFit(
@@ -536,7 +544,7 @@ def fit_chunk(
     pool = EMPool.create(prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok, prep.theta0, config.max_iter)
     if prep.ok.size:
         run_pool(pool, width, config, device, map_chunks)
-    return finish_chunk(mu, ms, prep.ok, pool.theta, pool.t, pool.trace, pool.converged, pool.n_iter,
+    return finish_chunk(mu, ms, prep.bounds, prep.ok, pool.theta, pool.t, pool.trace, pool.converged, pool.n_iter,
                         width=width, sample=sample, config=config, device=device)
 
 
@@ -586,4 +594,5 @@ def _store(out: GeneFit, cols: np.ndarray, chunk: ChunkFit) -> None:
 
 
 def _subset(stats, idx):
-    return type(stats)(stats.weights[:, idx], stats.std_u[idx], stats.std_s[idx], stats.n_cells[idx])
+    return type(stats)(stats.weights[:, idx], stats.std_u[idx], stats.std_s[idx], stats.n_cells[idx],
+                       stats.bounds[:, idx])

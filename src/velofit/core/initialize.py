@@ -31,12 +31,16 @@ class GeneStatistics(NamedTuple):
         Standard deviations of observed ``Mu`` and ``Ms`` over the weighted cells.
     n_cells
         Number of weighted cells.
+    bounds
+        ``(2, n_genes)`` upper bounds of ``Mu`` and ``Ms`` of the weighted cells (their 99th
+        percentiles over the cells where both are positive).
     """
 
     weights: np.ndarray
     std_u: np.ndarray
     std_s: np.ndarray
     n_cells: np.ndarray
+    bounds: np.ndarray
 
 
 def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
@@ -82,7 +86,7 @@ def _smallest_sorted(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(x, axis=0)
 
 
-def gene_statistics(mu: np.ndarray, ms: np.ndarray) -> GeneStatistics:
+def gene_statistics(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray | None = None) -> GeneStatistics:
     """Choose each gene's fitting cells and residual scales as scVelo does.
 
     A cell is used for a gene when both ``Mu`` and ``Ms`` are positive and neither exceeds
@@ -92,15 +96,18 @@ def gene_statistics(mu: np.ndarray, ms: np.ndarray) -> GeneStatistics:
     ----------
     mu, ms
         ``(n_cells, n_genes)`` unspliced and spliced moments.
+    bounds
+        ``(2, n_genes)`` those percentiles of ``Mu`` and ``Ms`` when already computed on the
+        same data (:attr:`GeneStatistics.bounds`); ``None`` computes them.
 
     Returns
     -------
     :class:`GeneStatistics`.
     """
     nonzero = (mu > 0) & (ms > 0)
-    ub_u = masked_quantile(mu, nonzero, WEIGHT_PERCENTILE)
-    ub_s = masked_quantile(ms, nonzero, WEIGHT_PERCENTILE)
-    weights = nonzero & (mu <= ub_u) & (ms <= ub_s)
+    if bounds is None:
+        bounds = np.stack([masked_quantile(mu, nonzero, WEIGHT_PERCENTILE), masked_quantile(ms, nonzero, WEIGHT_PERCENTILE)])
+    weights = nonzero & (mu <= bounds[0]) & (ms <= bounds[1])
     n = weights.sum(axis=0)
     safe_n = np.maximum(n, 1)
     w = weights.astype(mu.dtype)
@@ -109,7 +116,7 @@ def gene_statistics(mu: np.ndarray, ms: np.ndarray) -> GeneStatistics:
         mean = (w * x).sum(axis=0) / safe_n
         return np.sqrt((w * (x - mean) ** 2).sum(axis=0) / safe_n)
 
-    return GeneStatistics(w, weighted_std(mu), weighted_std(ms), n)
+    return GeneStatistics(w, weighted_std(mu), weighted_std(ms), n, bounds)
 
 
 def initial_parameters(mu: np.ndarray, ms: np.ndarray, stats: GeneStatistics) -> np.ndarray:
