@@ -28,6 +28,7 @@ between processes (:mod:`velofit.core.compile_cache`).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -559,22 +560,46 @@ def _assign_times(theta, t_prev, arrays, pad, std_u, std_s, config: EMConfig, de
     n_cells, width = t_prev.shape
     block = time_block(n_cells)
     program = times_program(block, width, config, device)
-    pending = []
-    for start in range(0, n_cells, block):
-        rows = np.arange(start, start + block)
-        rows[rows >= n_cells] = start
-        mu, ms, w = (np.asarray(a[np.ix_(rows, pad)], dtype=np.float64) for a in arrays)
-        w[start + np.arange(block) >= n_cells] = 0.0
-        data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, jnp.arange(block))
-        # Dispatch is asynchronous: the next block is gathered while this one computes.
-        pending.append((start, program(theta, jnp.asarray(t_prev[rows]), data)))
     t = np.empty((n_cells, width))
     loss = np.zeros(width)
-    for start, (t_block, loss_block) in pending:
+    pending: deque = deque()
+
+    def collect() -> None:
+        start, (t_block, loss_block) = pending.popleft()
         n = min(block, n_cells - start)
         t[start : start + n] = np.asarray(t_block)[:n]
-        loss += np.asarray(loss_block)
+        loss[:] += np.asarray(loss_block)
+
+    for start in range(0, n_cells, block):
+        n = min(block, n_cells - start)
+        mu, ms, w = (_rows_block(a, start, n, block, pad) for a in arrays)
+        t_block = _rows_block(t_prev, start, n, block, None)
+        w[n:] = 0.0
+        data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, jnp.arange(block))
+        # Dispatch is asynchronous: the next block is gathered while this one computes; at
+        # most _IN_FLIGHT blocks wait, so memory does not grow with the number of cells.
+        pending.append((start, program(theta, jnp.asarray(t_block), data)))
+        if len(pending) > _IN_FLIGHT:
+            collect()
+    while pending:
+        collect()
     return t, loss
+
+
+#: Blocks of the final time assignment dispatched ahead of the one being collected.
+_IN_FLIGHT = 2
+
+
+def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray | None) -> np.ndarray:
+    """Rows ``start:start + n`` of ``a`` (at columns ``cols``) as a C-ordered float64 ``(block, .)``
+    array, padded by repeating its first row."""
+    rows = a[start : start + n] if cols is None else a[start : start + n][:, cols]
+    if n == block:
+        return np.ascontiguousarray(rows, dtype=np.float64)
+    out = np.empty((block, rows.shape[1]))
+    out[:n] = rows
+    out[n:] = rows[0]
+    return out
 
 
 def _store(out: GeneFit, cols: np.ndarray, chunk: ChunkFit) -> None:
