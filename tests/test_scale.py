@@ -75,6 +75,40 @@ def test_chunk_width_does_not_change_results(reference, reference3):
     assert_same(reference, reference3)
 
 
+def test_chunks_run_at_once_in_threads_give_the_same_fit(data, reference3, monkeypatch):
+    """Local chunks in threads (two at once on a CPU) or one after another: bitwise the same."""
+    import velofit.core.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "LOCAL_CPU_WORKERS", 1)
+    one_at_a_time = fit(data, chunk_size=3)
+    monkeypatch.setattr(fit_module, "LOCAL_CPU_WORKERS", 3)
+    assert_same(reference3, one_at_a_time)
+    assert_same(one_at_a_time, fit(data, chunk_size=2))
+
+
+def test_local_map_in_threads_stores_in_order_and_raises():
+    from velofit.core.backends import map_chunks
+
+    chunks = [np.array([i]) for i in range(7)]
+    stored = []
+
+    def task(x):
+        time.sleep(0.01 * (7 - x))  # later chunks finish first
+        return x * 10
+
+    map_chunks(task, chunks, lambda cols: (int(cols[0]),), lambda cols, r: stored.append((int(cols[0]), r)),
+               workers=3)
+    assert stored == [(i, 10 * i) for i in range(7)]
+
+    def failing(x):
+        if x == 4:
+            raise RuntimeError("chunk 4 failed")
+        return x
+
+    with pytest.raises(RuntimeError, match="chunk 4 failed"):
+        map_chunks(failing, chunks, lambda cols: (int(cols[0]),), lambda cols, r: None, workers=2)
+
+
 def test_model_covers_xla_accounting():
     """XLA's own accounting of the compiled EM stays within the model used for the default."""
     for width in (3, 6):

@@ -4,7 +4,9 @@ A fit is a list of independent chunks of genes. :func:`map_chunks` reads each ch
 with ``read(cols)`` (in this process, one chunk at a time plus those in flight), runs
 ``task(*inputs)`` and hands every result to ``store(cols, result)`` as it arrives:
 
-- ``backend="local"``: one chunk after another here (JAX uses every core for each chunk);
+- ``backend="local"``: here, ``workers`` chunks at a time in threads (one by default). XLA
+  spreads one program over the cores only in part (2 cores: 1.2-1.4x one core on the time
+  assignment), so on a CPU the fit runs two chunks at once (:data:`LOCAL_CPU_WORKERS`);
 - ``backend="dask"``: every chunk is submitted to an existing ``distributed.Client`` (the
   user's own cluster, or the default client); at most :func:`max_in_flight` chunks are
   submitted at a time, so the data waiting on this process and on the cluster stays bounded.
@@ -17,7 +19,9 @@ kind of CPU.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -26,6 +30,9 @@ import numpy as np
 from .._validation import VelofitInputError, VelofitTypeError
 
 BACKENDS = ("local", "dask")
+#: Chunks a local fit on a multi-core CPU runs at once (measured, 2 cores: 14-21% faster
+#: than one at a time at 5,000 and 50,000 cells x 1,000 genes).
+LOCAL_CPU_WORKERS = 2
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -137,6 +144,23 @@ def max_in_flight(client: Any) -> int:
     return max(1, sum(nthreads.values()) + len(nthreads))
 
 
+def _map_local(task, chunks, read, store, workers: int) -> None:
+    if workers <= 1 or len(chunks) < 2:
+        for cols in chunks:
+            store(cols, task(*read(cols)))
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="velofit-chunk") as pool:
+        running: deque = deque()
+        for cols in chunks:
+            running.append((cols, pool.submit(task, *read(cols))))
+            if len(running) >= workers:
+                done, future = running.popleft()
+                store(done, future.result())
+        while running:
+            done, future = running.popleft()
+            store(done, future.result())
+
+
 def map_chunks(
     task: Callable[..., Any],
     chunks: Sequence[np.ndarray],
@@ -145,6 +169,7 @@ def map_chunks(
     *,
     backend: str = "local",
     client: Any = None,
+    workers: int = 1,
 ) -> None:
     """Run ``task(*read(cols))`` for every chunk and ``store(cols, result)`` each result.
 
@@ -157,15 +182,18 @@ def map_chunks(
     read
         Reads a chunk's input here (the data are then sent to the cluster for ``"dask"``).
     store
-        Receives every result (in order of completion for ``"dask"``).
+        Receives every result, in this thread (in order of submission for ``"local"``, of
+        completion for ``"dask"``).
     backend
         ``"local"`` or ``"dask"``.
     client
         ``distributed.Client`` for ``"dask"`` (default: the current default client).
+    workers
+        Chunks run at once with ``"local"`` (threads; inputs are read and results stored
+        here, so at most ``workers`` chunks' data are held).
     """
     if backend == "local":
-        for cols in chunks:
-            store(cols, task(*read(cols)))
+        _map_local(task, chunks, read, store, workers)
         return
     if backend != "dask":
         raise VelofitInputError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -28,6 +28,7 @@ between processes (:mod:`velofit.core.compile_cache`).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._validation import check_fit_options, check_moments
-from .backends import check_backend, map_chunks, resolve_device
+from .backends import LOCAL_CPU_WORKERS, check_backend, map_chunks, resolve_device
 from .em_pool import EMPool, run_pool
 from .hard_em import EMConfig
 from .initialize import MIN_CELLS, gene_statistics, initial_parameters
@@ -234,7 +235,10 @@ def fit_columns(
         buffers and host arrays,
         checked against XLA's accounting, see :mod:`velofit.core.memory`); default
         :data:`DEFAULT_MEMORY_BYTES` (2 GiB) when ``chunk_size`` is ``None``. With
-        ``backend="dask"`` it applies to every chunk running on a worker thread.
+        ``backend="dask"`` it applies to every chunk running on a worker thread. With
+        ``backend="local"`` on a multi-core CPU, two chunks run at once in threads
+        (:data:`~velofit.core.backends.LOCAL_CPU_WORKERS`) when both fit in it together,
+        else one.
     seed
         Seed of the random subset of cells (``config.n_jacobian_cells``) from which M-step
         directions are computed when there are more cells than that.
@@ -286,7 +290,12 @@ def fit_columns(
 
     out = _empty_fit(n_cells, n_genes, config.max_iter, times_out)
     chunks = [np.arange(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
-    run = partial(map_chunks, backend=backend, client=client)
+    workers = 1
+    if backend == "local" and resolve_device(device).platform == "cpu" and (os.cpu_count() or 1) > 1:
+        budget = memory_budget if memory_budget is not None or chunk_size is not None else DEFAULT_MEMORY_BYTES
+        if budget is None or LOCAL_CPU_WORKERS * footprint(n_cells, width) <= budget:
+            workers = LOCAL_CPU_WORKERS
+    run = partial(map_chunks, backend=backend, client=client, workers=workers)
     # 1. Statistics, initial parameters and the iterated cells of every gene.
     prepared: dict[int, Prepared] = {}
 
