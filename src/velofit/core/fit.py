@@ -492,7 +492,7 @@ def finish_chunk(
     status, _ = _fittable(stats)
     status[ok] = STATUS_NONFINITE
     chunk = ChunkFit(
-        std_u=stats.std_u, std_s=stats.std_s, n_cells=stats.n_cells, status=status, weights=stats.weights > 0,
+        std_u=stats.std_u, std_s=stats.std_s, n_cells=stats.n_cells, status=status, weights=stats.weights,
         ok=np.zeros(0, np.int64), theta=np.zeros((5, 0)), loss=np.zeros(0), converged=np.zeros(0, bool),
         n_iter=np.zeros(0, np.int64), span=np.zeros(0), trace=np.zeros((config.max_iter + 1, 0)),
         t=np.zeros((n_cells, 0)),
@@ -503,13 +503,12 @@ def finish_chunk(
     pad = np.concatenate([ok, np.full(width - ok.size, ok[0])])
     fill = np.full(width - ok.size, 0)
     target = resolve_device(device)
-    t_prev = np.full((n_cells, width), np.nan)
-    t_prev[sample] = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
+    t_sample = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
     with jax.enable_x64(True), jax.default_device(target):
         std_u, std_s = (jnp.asarray(a[pad], dtype=jnp.float64) for a in (stats.std_u, stats.std_s))
         theta_pad = jnp.asarray(np.concatenate([theta, theta[:, fill]], axis=1), dtype=jnp.float64)
-        t, loss = _assign_times(theta_pad, t_prev, (mu, ms, stats.weights), pad, std_u, std_s, config, target)
-    del t_prev
+        t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, stats.weights), pad, std_u, std_s,
+                                config, target)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
 
     finite = np.all(np.isfinite(theta), axis=0) & np.all(np.isfinite(t), axis=0) & np.isfinite(loss)
@@ -558,15 +557,19 @@ def fit_chunk(
                         width=width, sample=sample, config=config, device=device)
 
 
-def _assign_times(theta, t_prev, arrays, pad, std_u, std_s, config: EMConfig, device: jax.Device):
+def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, device: jax.Device):
     """Time every cell under the fitted parameters, block by block of one compiled shape.
 
-    ``arrays`` are the chunk's ``(mu, ms, weights)``, read at columns ``pad`` one block at a
-    time. The last block is padded by repeating its first row with weight 0. Returns the
-    ``(n_cells, width)`` times and the ``(width,)`` loss over all cells (block sums added in
-    block order, so it does not depend on the chunk width).
+    ``previous`` is ``(t_sample, sample)``: the ``(n_sample, width)`` times of the iterated
+    cells (sorted rows ``sample``) at the EM's end, which those cells keep unless the search
+    finds nearer points; every other cell has none (``nan``). ``arrays`` are the chunk's
+    ``(mu, ms, weights)``, read at columns ``pad`` one block at a time. The last block is
+    padded by repeating its first row with weight 0. Returns the ``(n_cells, width)`` times
+    and the ``(width,)`` loss over all cells (block sums added in block order, so it does
+    not depend on the chunk width).
     """
-    n_cells, width = t_prev.shape
+    t_sample, sample = previous
+    n_cells, width = arrays[0].shape[0], t_sample.shape[1]
     block = time_block(n_cells)
     program = times_program(block, width, config, device)
     t = np.empty((n_cells, width))
@@ -582,7 +585,10 @@ def _assign_times(theta, t_prev, arrays, pad, std_u, std_s, config: EMConfig, de
     for start in range(0, n_cells, block):
         n = min(block, n_cells - start)
         mu, ms, w = (_rows_block(a, start, n, block, pad) for a in arrays)
-        t_block = _rows_block(t_prev, start, n, block, None)
+        t_block = np.full((block, width), np.nan)
+        lo, hi = np.searchsorted(sample, [start, start + n])
+        t_block[sample[lo:hi] - start] = t_sample[lo:hi]
+        t_block[n:] = t_block[0]
         w[n:] = 0.0
         data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, jnp.arange(block))
         # Dispatch is asynchronous: the next block is gathered while this one computes; at
@@ -599,10 +605,10 @@ def _assign_times(theta, t_prev, arrays, pad, std_u, std_s, config: EMConfig, de
 _IN_FLIGHT = 2
 
 
-def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray | None) -> np.ndarray:
-    """Rows ``start:start + n`` of ``a`` (at columns ``cols``) as a C-ordered float64 ``(block, .)``
-    array, padded by repeating its first row."""
-    rows = a[start : start + n] if cols is None else a[start : start + n][:, cols]
+def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray) -> np.ndarray:
+    """Rows ``start:start + n`` of ``a`` at columns ``cols`` as a C-ordered float64
+    ``(block, len(cols))`` array, padded by repeating its first row."""
+    rows = a[start : start + n][:, cols]
     if n == block:
         return np.ascontiguousarray(rows, dtype=np.float64)
     out = np.empty((block, rows.shape[1]))

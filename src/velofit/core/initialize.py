@@ -26,7 +26,7 @@ class GeneStatistics(NamedTuple):
     Attributes
     ----------
     weights
-        ``(n_cells, n_genes)`` float mask of the cells each gene is fitted on.
+        ``(n_cells, n_genes)`` boolean mask of the cells each gene is fitted on.
     std_u, std_s
         Standard deviations of observed ``Mu`` and ``Ms`` over the weighted cells.
     n_cells
@@ -116,7 +116,7 @@ def gene_statistics(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray | None = 
         mean = (w * x).sum(axis=0) / safe_n
         return np.sqrt((w * (x - mean) ** 2).sum(axis=0) / safe_n)
 
-    return GeneStatistics(w, weighted_std(mu), weighted_std(ms), n, bounds)
+    return GeneStatistics(weights, weighted_std(mu), weighted_std(ms), n, bounds)
 
 
 def initial_parameters(mu: np.ndarray, ms: np.ndarray, stats: GeneStatistics) -> np.ndarray:
