@@ -236,9 +236,9 @@ def fit_columns(
         checked against XLA's accounting, see :mod:`velofit.core.memory`); default
         :data:`DEFAULT_MEMORY_BYTES` (2 GiB) when ``chunk_size`` is ``None``. With
         ``backend="dask"`` it applies to every chunk running on a worker thread. With
-        ``backend="local"`` on a multi-core CPU, two chunks run at once in threads
-        (:data:`~velofit.core.backends.LOCAL_CPU_WORKERS`) when both fit in it together,
-        else one.
+        ``backend="local"`` on a multi-core CPU, the EM pass runs two chunks at once in
+        threads (:data:`~velofit.core.backends.LOCAL_CPU_WORKERS`) when both fit in it
+        together, else one.
     seed
         Seed of the random subset of cells (``config.n_jacobian_cells``) from which M-step
         directions are computed when there are more cells than that.
@@ -290,12 +290,13 @@ def fit_columns(
 
     out = _empty_fit(n_cells, n_genes, config.max_iter, times_out)
     chunks = [np.arange(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
+    # The EM pass runs chunks in threads on a CPU (velofit.core.backends.LOCAL_CPU_WORKERS).
     workers = 1
     if backend == "local" and resolve_device(device).platform == "cpu" and (os.cpu_count() or 1) > 1:
         budget = memory_budget if memory_budget is not None or chunk_size is not None else DEFAULT_MEMORY_BYTES
         if budget is None or LOCAL_CPU_WORKERS * footprint(n_cells, width) <= budget:
             workers = LOCAL_CPU_WORKERS
-    run = partial(map_chunks, backend=backend, client=client, workers=workers)
+    run = partial(map_chunks, backend=backend, client=client)
     # 1. Statistics, initial parameters and the iterated cells of every gene.
     prepared: dict[int, Prepared] = {}
 
@@ -314,7 +315,7 @@ def fit_columns(
           for name in ("mu", "ms", "weights", "std_u_ok", "std_s_ok", "theta0")),
         config.max_iter,
     )
-    run_pool(pool, width, config, device, _counting(run, pool, progress))
+    run_pool(pool, width, config, device, _counting(partial(run, workers=workers), pool, progress))
     # 3. Every cell timed under the fitted parameters, chunk by chunk of the input.
     offsets = np.cumsum([0] + [p.ok.size for p in preps])
     position = {int(cols[0]): np.arange(offsets[k], offsets[k + 1]) for k, cols in enumerate(chunks)}

@@ -127,7 +127,7 @@ def recover_dynamics(
         which holds the times while the fit runs, plus a boolean ``n_obs x n_genes`` mask).
         With ``backend="dask"``
         it applies to each chunk on a worker thread; with ``backend="local"`` on a multi-core
-        CPU, two chunks run at once (in threads) when both fit in it together, else one.
+        CPU, the EM pass runs two chunks at once (in threads) when both fit in it together.
     backend
         ``"local"``: chunks run one after another in this process (JAX uses every core).
         ``"dask"``: chunks are submitted to an existing ``dask.distributed`` cluster (``client``,
