@@ -61,12 +61,14 @@ def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, 
     grid_u, grid_s = phase_state(grid, u0, s0, alpha_k, beta, gamma)
     shape = jnp.broadcast_shapes(u.shape, grid.shape[1:])
     # The search compares distances in float32 (twice the SIMD width; it is most of the
-    # cost of timing every cell), on abundances in units of their residual scales so that
-    # no scale of the data can overflow or underflow it. It only picks the start of the
-    # float64 refinement: a near-tie (within float32 rounding) may pick either point.
+    # cost of timing every cell), on abundances measured from the curve's middle grid point
+    # in units of their residual scales, so that neither the scale nor a large offset of a
+    # gene's values costs precision or overflows. It only picks the start of the float64
+    # refinement: a near-tie (within float32 rounding) may pick either point.
     f32 = jnp.float32
-    su, ss = (u / std_u).astype(f32), (s / std_s).astype(f32)
-    grid_su, grid_ss = (grid_u / std_u).astype(f32), (grid_s / std_s).astype(f32)
+    mid_u, mid_s = grid_u[n_grid // 2], grid_s[n_grid // 2]
+    su, ss = ((u - mid_u) / std_u).astype(f32), ((s - mid_s) / std_s).astype(f32)
+    grid_su, grid_ss = ((grid_u - mid_u) / std_u).astype(f32), ((grid_s - mid_s) / std_s).astype(f32)
 
     def scan_grid(carry, point):
         best_dist, best_tau = carry
