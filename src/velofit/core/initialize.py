@@ -106,7 +106,7 @@ def gene_statistics(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray | None = 
     """
     nonzero = (mu > 0) & (ms > 0)
     if bounds is None:
-        bounds = np.stack([masked_quantile(mu, nonzero, WEIGHT_PERCENTILE), masked_quantile(ms, nonzero, WEIGHT_PERCENTILE)])
+        bounds = np.stack([masked_quantile(x, nonzero, WEIGHT_PERCENTILE) for x in (mu, ms)])
     weights = nonzero & (mu <= bounds[0]) & (ms <= bounds[1])
     n = weights.sum(axis=0)
     safe_n = np.maximum(n, 1)
