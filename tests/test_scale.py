@@ -86,6 +86,19 @@ def test_chunks_run_at_once_in_threads_give_the_same_fit(data, reference3, monke
     assert_same(one_at_a_time, fit(data, chunk_size=2))
 
 
+def test_blocks_of_cells_timed_in_threads_give_the_same_fit(data, monkeypatch):
+    """The last pass times blocks of cells in threads or one after another: bitwise the same."""
+    import velofit.core.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "time_block", lambda n_cells: min(n_cells, 16))  # 60 cells: 4 blocks
+    mu, ms = (np.asarray(data.layers[k]) for k in ("Mu", "Ms"))
+    kwargs = {"width": N_VARS, "sample": np.arange(N_OBS), "config": CONFIG}
+    one, three = (fit_chunk(mu, ms, threads=k, **kwargs) for k in (1, 3))
+    assert one.ok.size == N_VARS
+    for name in ("theta", "t", "loss", "span", "status"):
+        assert _bitwise(getattr(one, name), getattr(three, name)), name
+
+
 def test_local_map_in_threads_stores_in_order_and_raises():
     from velofit.core.backends import map_chunks
 
