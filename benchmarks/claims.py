@@ -186,9 +186,9 @@ def claim3_prior(quick: bool, lines: list[str], figures: dict) -> None:
     lines += [
         "## Claim 3: a learned time prior helps where cells are not uniform in time, and does no harm where they are",
         "",
-        f"velofit simulator, {n_obs} cells x {n_vars} genes, noise 0.1; shared-time soft EM. "
-        "MAE is |latent_time - true t / t_max|; prior L1 is the total-variation-style distance "
-        "sum_j |pi_j - p_j| between the prior on the grid and the true density binned on it.",
+        (f"velofit simulator, {n_obs} cells x {n_vars} genes, noise 0.1; shared-time soft EM. "
+         "MAE is |latent_time - true t / t_max|; prior L1 is the total-variation-style distance "
+         "sum_j |pi_j - p_j| between the prior on the grid and the true density binned on it."),
         "",
         "| time density | seed | prior | Spearman | MAE | prior L1 |",
         "|---|---|---|---|---|---|",
@@ -345,12 +345,12 @@ def pancreas_stage_order(path: Path, lines: list[str], figures: dict) -> None:
     lines += [
         "## Pancreas: latent time against the known stage order",
         "",
-        f"`{path.name}` preprocessed as `benchmarks/bench_recover_dynamics.py` does (2,000 genes, moments "
-        f"30 PCs x 30 neighbours); {len(velocity_genes)} scVelo velocity genes. Stage order: Ductal 0 < "
-        "Ngn3 low EP 1 < Ngn3 high EP 2 < Pre-endocrine 3 < Alpha/Beta/Delta/Epsilon 4. *std*: median "
-        "posterior standard deviation (the largest of the grid, Laplace and sandwich spreads, "
-        "`velofit.core.soft_em.posterior_spread`); *largest gap*: the widest interval of latent time holding no "
-        "cell (a step-like clock has a large one); *s*: fit + latent time, seconds.",
+        (f"`{path.name}` preprocessed as `benchmarks/bench_recover_dynamics.py` does (2,000 genes, moments "
+         f"30 PCs x 30 neighbours); {len(velocity_genes)} scVelo velocity genes. Stage order: Ductal 0 < "
+         "Ngn3 low EP 1 < Ngn3 high EP 2 < Pre-endocrine 3 < Alpha/Beta/Delta/Epsilon 4. *std*: median "
+         "posterior standard deviation (the largest of the grid, Laplace and sandwich spreads, "
+         "`velofit.core.soft_em.posterior_spread`); *largest gap*: the widest interval of latent time holding "
+         "no cell (a step-like clock has a large one); *s*: fit + latent time, seconds."),
         "",
         ("| mode | Spearman with stage | median std | largest gap | s | median latent time per cluster "
          "| median std per cluster |"),

@@ -40,7 +40,7 @@ def outputs(adata: AnnData) -> dict[str, np.ndarray]:
     """Every array velofit wrote (float columns as float64, others as they are)."""
     out = {}
     for column in adata.var.columns:
-        if column.startswith("fit_") or column.startswith("velocity"):
+        if column.startswith(("fit_", "velocity")):
             out[f"var/{column}"] = adata.var[column].to_numpy()
     for key in ("fit_t", "fit_tau", "fit_tau_", "velocity", "velocity_u"):
         if key in adata.layers:
@@ -65,8 +65,8 @@ def _bitwise(a: np.ndarray, b: np.ndarray) -> bool:
 
 def assert_bitwise(a: dict, b: dict, *, genes=None) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        x, y = a[key], b[key]
+    for key, x in a.items():
+        y = b[key]
         if genes is not None and not key.startswith("uns/"):
             x = x[:, genes] if key.startswith("layers/") else x[genes]
         assert _bitwise(x, y), f"{key} differs: max abs diff {max_abs_diff(x, y)}"

@@ -102,8 +102,8 @@ def build(spec: dict) -> AnnData:
     n_obs = spec["n_obs"]
     cols = [_gene(kind, n_obs, rng) for kind in spec["kinds"]]
     layers = {"Ms": np.stack([c[0] for c in cols], 1), "Mu": np.stack([c[1] for c in cols], 1)}
-    for key in layers:
-        layers[key] = layers[key] * (rng.random(layers[key].shape) < spec["density"])
+    for key, values in layers.items():
+        layers[key] = values * (rng.random(values.shape) < spec["density"])
     dtype = np.dtype(spec["dtype"])
     if spec["corruption"] is not None:
         x = layers[spec["corrupt_layer"]]
@@ -238,7 +238,8 @@ def test_fuzz_kernels(tau, u0, s0, alpha, beta, gamma, equal, t_, scaling, dtype
         gamma = beta
     dt = np.dtype(dtype)
     a = {k: jnp.asarray(np.asarray(v, dtype=dt)) for k, v in
-         dict(tau=tau, u0=u0, s0=s0, alpha=alpha, beta=beta, gamma=gamma, t_=t_, scaling=scaling).items()}
+         {"tau": tau, "u0": u0, "s0": s0, "alpha": alpha, "beta": beta, "gamma": gamma, "t_": t_,
+          "scaling": scaling}.items()}
     u, s = (np.asarray(x) for x in _phase(a["tau"], a["u0"], a["s0"], a["alpha"], a["beta"], a["gamma"]))
     assert u.dtype == dt and s.dtype == dt
     assert np.all(np.isfinite(u)) and np.all(np.isfinite(s)), (u, s)

@@ -48,7 +48,7 @@ def simulate(n_genes=N_GENES, n_cells=N_CELLS, noise=NOISE, seed=0):
     ms = np.clip(s + noise * s.std(0) * rng.standard_normal(s.shape), 0, None)
     mu = mu.astype(np.float32).astype(np.float64)
     ms = ms.astype(np.float32).astype(np.float64)
-    return mu, ms, t, dict(alpha=alpha, beta=beta, gamma=gamma, t_=t_)
+    return mu, ms, t, {"alpha": alpha, "beta": beta, "gamma": gamma, "t_": t_}
 
 
 @functools.cache
@@ -106,7 +106,6 @@ def test_fit_recovers_cell_order():
 
 
 def test_fit_beats_initial_loss_and_is_near_noise_floor():
-    mu, ms, _, _ = simulate()
     fit = base_fit()
     assert np.all(fit.loss < fit.trace[0])
     # with noise sd = 5% of each species' sd, the loss per fitted cell is about
@@ -258,7 +257,7 @@ def test_all_genes_degenerate():
 
 
 def test_exact_throughout_and_max_iter():
-    mu, ms, t_true, truth = simulate()
+    mu, ms, t_true, _ = simulate()
     config = EMConfig(n_explicit=0, max_iter=6)
     fit = fit_genes(mu, ms, config)
     assert np.all(fit.status == "ok")

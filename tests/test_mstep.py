@@ -35,7 +35,7 @@ TRUE = np.array(
 
 def make_data(mu, ms, weights, std_u, std_s, sample=None) -> GeneData:
     """GeneData from arrays, whatever optional fields the current GeneData has."""
-    fields = dict(mu=mu, ms=ms, weights=weights, std_u=std_u, std_s=std_s)
+    fields = {"mu": mu, "ms": ms, "weights": weights, "std_u": std_u, "std_s": std_s}
     if "sample" in GeneData._fields:
         fields["sample"] = np.arange(0, np.shape(mu)[0], _STRIDE) if sample is None else sample
     return GeneData(**{k: jnp.asarray(v) for k, v in fields.items()})
@@ -107,7 +107,7 @@ def test_recovers_exact_parameters_from_noise_free_data():
     theta0 = jnp.asarray(theta_true + np.log(1 + 0.2 * signs))
     loss0 = _loss(theta0, t, data)
     assert np.all(np.asarray(loss0) > 1.0)  # 20% off is far from the optimum
-    theta, damping, loss = _lm_jit(theta0, jnp.full(N_GENES, 1e-2), loss0, t, data, n_steps=60)
+    theta, _, loss = _lm_jit(theta0, jnp.full(N_GENES, 1e-2), loss0, t, data, n_steps=60)
     rel = np.abs(np.exp(np.asarray(theta) - theta_true) - 1)
     assert np.max(rel) < 1e-6, rel
     assert np.max(np.asarray(loss)) < 1e-12

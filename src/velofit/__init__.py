@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _SUBPACKAGES = ("core", "datasets", "pl", "pp", "tl")
 
-__all__ = ["__version__", *_SUBPACKAGES]
+__all__ = ["__version__", "core", "datasets", "pl", "pp", "tl"]
 
 
 def __getattr__(name: str) -> Any:

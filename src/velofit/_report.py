@@ -75,7 +75,7 @@ def build_report(adata: AnnData, *, source: str | None = None, n_genes: int = 8)
     for key in SECTIONS:
         try:
             body = builders[key]()
-        except Exception as error:  # a report shows what it can; the failure is visible in the page
+        except Exception as error:  # noqa: BLE001 - a report shows what it can; the failure is visible in the page
             warnings.warn(f"report section {key!r} failed: {error}", RuntimeWarning, stacklevel=2)
             body = _note(f"this section could not be drawn: {type(error).__name__}: {error}")
         parts.append(f'<section id="{key}">\n<h2>{_TITLES[key]}</h2>\n{body}\n</section>')

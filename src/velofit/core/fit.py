@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any

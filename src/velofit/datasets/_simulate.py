@@ -141,7 +141,7 @@ def simulate(
     scaling = np.ones(n_vars)
 
     t = t_max * _draw_time_fractions(rng, n_obs, time_density)
-    n_steady = int(round(steady_state_fraction * n_obs))
+    n_steady = round(steady_state_fraction * n_obs)
     t[rng.permutation(n_obs)[:n_steady]] = 0.0
 
     true_u, true_s = _evaluate(t, alpha, beta, gamma, t_switch, scaling)
