@@ -200,7 +200,13 @@ def claim3_prior(quick: bool, lines: list[str], figures: dict) -> None:
             true = adata.obs["true_t"].to_numpy(float) / float(adata.uns["simulate"]["t_max"])
             for prior in ("uniform", "learned"):
                 latent, pi, grid = shared_fit(adata, prior)
-                edges = np.concatenate([[0.0], (grid[1:] + grid[:-1]) / 2, [1.0]])
+                # The grid is in latent-time units (cells span [0, 1]; the grid may reach beyond,
+                # and runs backwards when the clock was reversed): the true density is binned on
+                # the grid's cells, the outermost open towards any true time outside it.
+                order = np.argsort(grid)
+                grid, pi = grid[order], pi[order]
+                mids = (grid[1:] + grid[:-1]) / 2
+                edges = np.concatenate([[min(grid[0], true.min()) - 1.0], mids, [max(grid[-1], true.max()) + 1.0]])
                 p_true = np.histogram(true, bins=edges)[0] / true.size
                 rho = spearmanr(latent, true)[0]
                 mae = float(np.mean(np.abs(latent - true)))
