@@ -84,9 +84,17 @@ def residuals(theta, t, data: GeneData):
 
 
 def gene_loss(theta, t, data: GeneData):
-    """Per-gene weighted sum of squared standardised residuals, shape ``(n_genes,)``."""
-    ru, rs = residuals(theta, t, data)
-    return jnp.sum(data.weights * (ru * ru + rs * rs), axis=0)
+    """Per-gene weighted sum of squared standardised residuals, shape ``(n_genes,)``.
+
+    The objective of the hard EM (MODEL.md section 4); the M-step evaluates it from the
+    residuals it keeps (:func:`weighted_loss`).
+    """
+    return weighted_loss(*residuals(theta, t, data), data.weights)
+
+
+def weighted_loss(ru, rs, weights):
+    """Per-gene ``sum over cells of weights * (ru^2 + rs^2)`` from ``(n_cells, n_genes)`` residuals."""
+    return jnp.sum(weights * (ru * ru + rs * rs), axis=0)
 
 
 def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, jacobian_every: int = 2):
@@ -169,7 +177,7 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
         delta = jnp.where(jnp.isfinite(delta), delta, 0.0)
         cand = theta + delta.T
         cand_ru, cand_rs = residuals(cand, t, data)
-        cand_loss = jnp.sum(data.weights * (cand_ru * cand_ru + cand_rs * cand_rs), axis=0)
+        cand_loss = weighted_loss(cand_ru, cand_rs, data.weights)
         accept = jnp.isfinite(cand_loss) & (cand_loss < loss)
         theta = jnp.where(accept[None, :], cand, theta)
         loss = jnp.where(accept, cand_loss, loss)
