@@ -16,6 +16,7 @@ from scipy.stats import spearmanr
 import velofit as vf
 from velofit.core import shared_time as st
 from velofit.core import soft_em as se
+from velofit.core.kinetics import KineticParams, trajectory
 
 N_OBS, N_VARS, N_GRID = 300, 20, 100
 T_MAX = 20.0
@@ -166,10 +167,46 @@ def test_align_gene_fit_recovers_clock_from_per_gene_clocks():
     t_gene = true_t[:, None] * speed[None, :] * np.exp(0.2 * rng.standard_normal((N_OBS, N_VARS)))
     data = st.prepare_data(adata.layers["Mu"], adata.layers["Ms"])
     grid = jnp.linspace(0.0, 1.0, N_GRID)
-    theta, _, _, tau = st.align_gene_fit(data, grid, params, *st.clock_start(t_gene, np.ones((N_OBS, N_VARS), bool)))
+    span = st.time_spans(t_gene, np.ones((N_OBS, N_VARS), bool))
+    theta, _, _, tau = st.align_gene_fit(data, grid, params, span, st.clock_start(t_gene, span))
     assert spearmanr(tau, true_t)[0] > 0.98
     speed_fit = np.exp(np.asarray(theta)[1]) / np.asarray(v["true_beta"])  # beta_clock / beta_true ~ t_max
     assert np.median(np.abs(np.log(speed_fit / T_MAX))) < np.log(1.5)
+
+
+def test_located_times_leave_out_cells_near_the_onset():
+    """Times at the onset, deep in repression (both near (0, 0)) or unknown do not locate a cell."""
+    params = KineticParams(*(np.array([v, v]) for v in (2.0, 1.0, 0.5, 4.0, 1.0)))  # two equal genes
+    t = np.array([[0.0, 0.0], [2.0, 3.0], [5.0, 6.0], [4.0 + 40.0, 4.0 + 60.0], [np.nan, 1.0]])
+    with jax.enable_x64(True):
+        u, s = (np.asarray(a) for a in trajectory(jnp.asarray(np.nan_to_num(t)), params))
+    std = np.array([0.05, 0.05])
+    located = st.located_times(u, s, t, params, std, std)
+    assert located.tolist() == [[False, False], [True, True], [True, True], [False, False], [False, True]]
+    # one residual variance of margin: a cell a little off the onset is not located either
+    near = st.located_times(u[:1] + 0.5 * std, s[:1], t[:1], params, std, std)
+    assert not near.any()
+
+
+def test_clock_start_counts_only_the_genes_that_locate_a_cell():
+    """Cells whose near-silent genes were put at the end of repression keep their place."""
+    rng = np.random.default_rng(3)
+    n_cells, n_genes = 50, 41
+    r = np.sort(rng.uniform(0.05, 0.95, n_cells))  # true relative time
+    t_gene = np.repeat(r[:, None], n_genes, axis=1)
+    located = np.ones((n_cells, n_genes), bool)
+    early = r < 0.3
+    t_gene[np.ix_(early, np.arange(21))] = 1.0  # 21 of 41 genes: silent, fitted at the very end
+    located[np.ix_(early, np.arange(21))] = False
+    span = np.ones(n_genes)
+    plain = st.clock_start(t_gene, span)
+    assert spearmanr(plain, r)[0] < 0.5  # the early cells jump to the end
+    tau = st.clock_start(t_gene, span, located)
+    assert spearmanr(tau, r)[0] == pytest.approx(1.0)
+    # a cell located by no gene takes the median of all its genes
+    located[0] = False
+    tau = st.clock_start(t_gene, span, located)
+    assert tau[0] == pytest.approx(1.0)
 
 
 def test_score_terms_equal_autodiff_of_each_gene():

@@ -24,6 +24,7 @@ from .._validation import (
 from ..core import shared_time as st
 from ..core import soft_em as se
 from ..core.initialize import gene_statistics
+from ..core.kinetics import KineticParams
 
 #: Grid points of the shared clock.
 DEFAULT_N_GRID = 200
@@ -330,8 +331,11 @@ def chunk_width(n_cells: int, n_genes: int) -> int:
 def gene_clocks(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     """What the shared clock takes from a per-gene fit: its parameters, spans and a first clock.
 
-    The per-gene times are read from ``layers["fit_t"]`` block of cells by block (no copy),
-    so the layer may be freed once this returns.
+    One pass over chunks of genes reads their moments and per-gene times (``layers["fit_t"]``)
+    and keeps each gene's span over its fitting cells and where its times locate the cells
+    (:func:`velofit.core.shared_time.located_times`); the first clock is then read by blocks
+    of cells (:func:`velofit.core.shared_time.clock_start`). No copy of a whole layer is made,
+    so ``fit_t`` may be freed once this returns.
 
     Parameters
     ----------
@@ -345,17 +349,28 @@ def gene_clocks(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     Returns
     -------
     ``(params, span, tau)``: ``(5, n)`` ``alpha, beta (scaled units), gamma, t_, scaling`` on
-    the aligned clock of ``fit_t``, and :func:`velofit.core.shared_time.clock_start`'s
-    ``(n,)`` spans and ``(n_obs,)`` first clock (the inputs of
-    :func:`velofit.core.shared_time.align_gene_fit`).
+    the aligned clock of ``fit_t``, the ``(n,)`` spans and the ``(n_obs,)`` first clock (the
+    inputs of :func:`velofit.core.shared_time.align_gene_fit`).
     """
     var = adata.var.iloc[genes]
     col = lambda key: var[key].to_numpy(dtype=np.float64)
     params = np.stack(
         [col("fit_alpha"), col("fit_beta") * col("fit_scaling"), col("fit_gamma"), col("fit_t_"), col("fit_scaling")]
     )
-    span, tau = st.clock_start(_RowBlocks(adata.layers["fit_t"], genes), fitting_cells(adata, genes, layers))
-    return params, span, tau
+    std_u, std_s = col("fit_std_u"), col("fit_std_s")
+    mu, ms = _moment_columns(adata, genes, layers)
+    times = _RowBlocks(adata.layers["fit_t"], genes)
+    span = np.empty(genes.size)
+    located = np.empty(mu.shape, bool)
+    width = chunk_width(*mu.shape)
+    for start in range(0, genes.size, width):
+        cols = slice(start, start + width)
+        mu_c, ms_c, t_c = mu[:, cols], ms[:, cols], times.columns(cols)
+        span[cols] = st.time_spans(t_c, gene_statistics(mu_c, ms_c).weights > 0)
+        located[:, cols] = st.located_times(
+            mu_c, ms_c, t_c, KineticParams(*params[:, cols]), std_u[cols], std_s[cols]
+        )
+    return params, span, st.clock_start(times, span, located)
 
 
 def shared_data(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> st.SharedData:
@@ -379,31 +394,6 @@ def shared_data(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> s
     """
     mu, ms = _moment_columns(adata, genes, layers)
     return st.prepare_data(mu, ms, chunk_size=chunk_width(*mu.shape))
-
-
-def fitting_cells(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]) -> np.ndarray:
-    """The cells each gene's per-gene fit uses, as one boolean array (read gene chunk by chunk).
-
-    Parameters
-    ----------
-    adata
-        The data.
-    genes
-        Positions of the genes.
-    layers
-        ``(spliced, unspliced)`` layer names.
-
-    Returns
-    -------
-    ``(n_obs, genes.size)`` boolean (see :class:`FittingCells`).
-    """
-    mask = FittingCells(adata, genes, layers)
-    width = chunk_width(*mask.shape)
-    weights = np.empty(mask.shape, bool)
-    for start in range(0, genes.size, width):
-        cols = slice(start, start + width)
-        weights[:, cols] = mask[:, cols]
-    return weights
 
 
 class FittingCells:
@@ -474,6 +464,10 @@ class _RowBlocks:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         return np.asarray(self.array[rows])[:, self.cols]
+
+    def columns(self, cols: slice) -> np.ndarray:
+        """All rows of the columns ``self.cols[cols]``."""
+        return np.asarray(self.array[:, self.cols[cols]])
 
 
 def stored_shared_fit(adata: AnnData) -> dict | None:
