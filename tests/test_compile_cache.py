@@ -66,6 +66,19 @@ def test_later_process_loads_instead_of_compiling(tmp_path):
     assert out.strip() == "loaded"
 
 
+def test_heap_trimmed_after_compiling_not_after_loading(tmp_path):
+    """XLA's freed compiler memory is handed back (malloc_trim) after a compilation only."""
+    cache = tmp_path / "xla"
+    count = """
+        calls = []
+        compile_cache.release_free_memory = lambda collect=True: calls.append(collect)
+        run()
+        print(calls)
+        """
+    assert in_fresh_process(count, cache).strip() == "[False]"  # compiled: trimmed, no gc pass
+    assert in_fresh_process(count, cache).strip() == "[]"  # loaded from disk: nothing to trim
+
+
 def test_corrupt_file_is_recompiled_and_replaced(tmp_path):
     cache = tmp_path / "xla"
     in_fresh_process("run()", cache)

@@ -44,6 +44,8 @@ from typing import Any
 
 import jax
 
+from .._heap import release_free_memory
+
 #: Environment variable naming the cache folder (or disabling it).
 CACHE_ENV = "VELOFIT_CACHE_DIR"
 #: The disk cache is pruned to this many bytes, oldest files first.
@@ -108,7 +110,7 @@ def _jax_cache_on() -> bool:
 def _load_or_compile(jitted: Callable, specs: tuple, static: dict, signature: tuple, device: jax.Device) -> Any:
     folder = cache_dir()
     if folder is None or _jax_cache_on():
-        return jitted.lower(*specs, **static).compile()
+        return _compile(jitted, specs, static)
     path = folder / f"{_disk_key(jitted, signature, device)}{_SUFFIX}"
     try:
         with open(path, "rb") as f:
@@ -116,8 +118,19 @@ def _load_or_compile(jitted: Callable, specs: tuple, static: dict, signature: tu
         return _deserialize(payload, in_tree, out_tree, device)
     except Exception:  # noqa: BLE001, S110 - missing, truncated, corrupt or foreign: compile, replace
         pass
-    executable = jitted.lower(*specs, **static).compile()
+    executable = _compile(jitted, specs, static)
     _store(folder, path, executable)
+    return executable
+
+
+def _compile(jitted: Callable, specs: tuple, static: dict) -> Any:
+    """Trace, lower and compile; then return the compiler's freed memory to the system.
+
+    (Without the trim, the memory XLA's compiler used stays resident for the rest of the
+    process: :mod:`velofit._heap`.)
+    """
+    executable = jitted.lower(*specs, **static).compile()
+    release_free_memory(collect=False)
     return executable
 
 
