@@ -62,7 +62,9 @@ def latent_time(
     After a per-gene fit (:func:`velofit.tl.recover_dynamics`), every gene's clock is mapped
     onto one shared clock ``t`` in ``[0, 1]`` by a per-gene affine map
     ``gene time = k_g (t - t0_g)`` estimated from the data (each gene's kinetic shape is kept):
-    the maps are first searched against a median-of-genes clock, the shared time is found by
+    the maps are first searched against a median-of-genes clock (per cell, over the genes whose
+    fit locates it: not near the gene's ``(0, 0)``, where its onset and late repression cannot
+    be told apart; :func:`velofit.core.shared_time.clock_start`), the shared time is found by
     the multi-gene exact time of MODEL.md section 3, and then the maps, the per-gene noise and
     the time prior are refined by soft EM over a grid (MODEL.md section 5; only the maps move),
     after a few annealed iterations whose broad posteriors let cells cross gaps.
