@@ -286,6 +286,18 @@ def test_on_disk_layers(h5ad_path, data, reference):
             assert_same(reference, fit(adata, inplace=True))
 
 
+def test_latent_time_is_the_same_from_on_disk_layers(h5ad_path, data, reference):
+    """latent_time reads the moments again: from h5py datasets, bitwise as from memory."""
+    expected = reference.copy()
+    tl.latent_time(expected)
+    with h5py.File(h5ad_path, "r") as f:
+        adata = ad.AnnData(obs=data.obs.copy(), var=data.var.copy(), layers={"Ms": f["layers/Ms"], "Mu": f["layers/Mu"]})
+        fit(adata, inplace=True)
+        tl.latent_time(adata)
+    for key in ("latent_time", "latent_time_std"):
+        assert _bitwise(expected.obs[key].to_numpy(), adata.obs[key].to_numpy()), key
+
+
 def test_bad_values_in_a_later_chunk_raise(data):
     adata = data.copy()
     values = np.asarray(data.layers["Mu"]).copy()

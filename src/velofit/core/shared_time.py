@@ -122,7 +122,9 @@ def prepare_data(mu, ms, weights=None, std_u=None, std_s=None, chunk_size=None) 
         w[k, :, :m] = wk
         n = np.maximum(np.broadcast_to(wk, (n_cells, m)).sum(axis=0), 1)
         for key, source, target in (("u", mu, xu), ("s", ms, xs)):
-            x = np.asarray(source[:, cols], np.float64)
+            # C order whatever the reader returns: the sums below then round the same way for
+            # in-memory, on-disk and sparse layers (bitwise the same scales).
+            x = np.ascontiguousarray(source[:, cols], np.float64)
             if given[key] is None:
                 mean = np.where(wk, x, 0.0).sum(axis=0) / n
                 scale = np.sqrt(np.where(wk, (x - mean) ** 2, 0.0).sum(axis=0) / n)
