@@ -598,6 +598,7 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
     pending: deque = deque()
     # At most this many blocks wait: memory does not grow with the number of cells.
     in_flight = max(1, threads) + 1
+    rows = jnp.arange(block)  # GeneData.sample: read by the M-step only, made once
 
     def collect() -> None:
         start, result = pending.popleft()
@@ -618,7 +619,7 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
             t_block[sample[lo:hi] - start] = t_sample[lo:hi]
             t_block[n:] = t_block[0]
             w[n:] = 0.0
-            data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, jnp.arange(block))
+            data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, rows)
             t_block = jnp.asarray(t_block)
             # Without threads, dispatch is asynchronous: the next block is gathered while
             # this one computes.
