@@ -106,8 +106,8 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
     trajectory), so a step that reuses it costs about a seventh of one that does not.
     Measured against a fresh Jacobian per step (n_steps=2, pancreas_739's 949 velocity genes
     and two simulators): the same or slightly lower final losses (mean 0.6% lower on
-    pancreas, 0.03% on simulated data), an M-step 1.4x faster. A step is kept only where it lowers that gene's loss, so the M-step never
-    increases any gene's loss.
+    pancreas, 0.03% on simulated data), an M-step 1.4x faster. A step is kept only where it
+    lowers that gene's loss, so the M-step never increases any gene's loss.
 
     A variable-projection variant (times eliminated per cell, moved with the parameters)
     was measured and rejected: it stopped at higher losses than this plain alternation.

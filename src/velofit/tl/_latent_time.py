@@ -368,7 +368,7 @@ def gene_clocks(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
     for start in range(0, genes.size, width):
         cols = slice(start, start + width)
         mu_c, ms_c, t_c = mu[:, cols], ms[:, cols], times.columns(cols)
-        span[cols] = st.time_spans(t_c, gene_statistics(mu_c, ms_c).weights > 0)
+        span[cols] = st.time_spans(t_c, _fitted_on(mu_c, ms_c))
         located[:, cols] = st.located_times(
             mu_c, ms_c, t_c, KineticParams(*params[:, cols]), std_u[cols], std_s[cols]
         )
@@ -421,7 +421,12 @@ class FittingCells:
         self.shape = self.mu.shape
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        return gene_statistics(self.mu[key], self.ms[key]).weights > 0
+        return _fitted_on(self.mu[key], self.ms[key])
+
+
+def _fitted_on(mu: np.ndarray, ms: np.ndarray) -> np.ndarray:
+    """The cells the per-gene fit uses for each of these columns (boolean, ``mu.shape``)."""
+    return gene_statistics(mu, ms).weights > 0
 
 
 def _moment_columns(adata: AnnData, genes: np.ndarray, layers: tuple[str, str]):
