@@ -86,7 +86,26 @@ def _smallest_sorted(x: np.ndarray, k: int) -> np.ndarray:
     return np.sort(x, axis=0)
 
 
-def gene_statistics(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray | None = None) -> GeneStatistics:
+def fitting_cells(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The cells each gene is fitted on: both moments positive and neither above its bound.
+
+    Elementwise, so the mask does not depend on the arrays' memory layout.
+
+    Parameters
+    ----------
+    mu, ms
+        ``(n_cells, n_genes)`` unspliced and spliced moments.
+    bounds
+        ``(2, n_genes)`` upper bounds of ``Mu`` and ``Ms`` (:attr:`GeneStatistics.bounds`).
+
+    Returns
+    -------
+    ``(n_cells, n_genes)`` boolean mask.
+    """
+    return (mu > 0) & (ms > 0) & (mu <= bounds[0]) & (ms <= bounds[1])
+
+
+def gene_statistics(mu: np.ndarray, ms: np.ndarray) -> GeneStatistics:
     """Choose each gene's fitting cells and residual scales as scVelo does.
 
     A cell is used for a gene when both ``Mu`` and ``Ms`` are positive and neither exceeds
@@ -96,18 +115,14 @@ def gene_statistics(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray | None = 
     ----------
     mu, ms
         ``(n_cells, n_genes)`` unspliced and spliced moments.
-    bounds
-        ``(2, n_genes)`` those percentiles of ``Mu`` and ``Ms`` when already computed on the
-        same data (:attr:`GeneStatistics.bounds`); ``None`` computes them.
 
     Returns
     -------
     :class:`GeneStatistics`.
     """
     nonzero = (mu > 0) & (ms > 0)
-    if bounds is None:
-        bounds = np.stack([masked_quantile(x, nonzero, WEIGHT_PERCENTILE) for x in (mu, ms)])
-    weights = nonzero & (mu <= bounds[0]) & (ms <= bounds[1])
+    bounds = np.stack([masked_quantile(x, nonzero, WEIGHT_PERCENTILE) for x in (mu, ms)])
+    weights = fitting_cells(mu, ms, bounds)
     n = weights.sum(axis=0)
     safe_n = np.maximum(n, 1)
     w = weights.astype(mu.dtype)

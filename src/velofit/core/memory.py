@@ -4,8 +4,8 @@ One chunk of ``width`` genes on ``n_cells`` cells needs
 
 - the buffers of the larger of its two compiled programs (:mod:`velofit.core.programs`: the
   EM on at most ``config.n_jacobian_cells`` cells, then the final time assignment in blocks
-  of at most 512 cells), by XLA's own accounting of the executable (arguments, outputs and
-  temporaries): about 33 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
+  of at most :data:`~velofit.core.programs.TIME_BLOCK_CELLS` cells), by XLA's own accounting
+  of the executable (arguments, outputs and temporaries): about 33 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
 - NumPy arrays on the host while the chunk is read, initialised and written back
   (:data:`HOST_ARRAYS` float64 arrays of ``n_cells x width``, measured with ``tracemalloc``
   in ``tests/test_scale.py``).
