@@ -351,3 +351,53 @@ def test_written_out_carry_spec_matches_start():
     assert jax.tree.structure(traced) == jax.tree.structure(carry_spec(40, 3, config))
     for a, b in zip(jax.tree.leaves(traced), jax.tree.leaves(carry_spec(40, 3, config)), strict=True):
         assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
+def test_final_branch_of_the_fit_program_is_the_time_assignment():
+    """fit_step with ``final`` times the rows under the carried parameters (no M-step), as
+    assign_times does: nearer searched points replace finite previous times, and rows
+    without a previous time (nan) get the searched one."""
+    from velofit.core import hard_em
+    from velofit.core.fit import prepare_chunk
+    from velofit.core.mstep import GeneData
+
+    mu, ms, _, _ = simulate()
+    config = EMConfig(max_iter=6)
+    fit = fit_genes(mu, ms, config)
+    prep = prepare_chunk(mu, ms, sample=np.arange(N_CELLS))
+    width = N_GENES
+    with jax.enable_x64(True):
+        theta = jnp.log(jnp.asarray(np.stack([fit.alpha, fit.beta, fit.gamma, fit.t_, fit.scaling])))
+        data = GeneData(*(jnp.asarray(a) for a in (prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok)),
+                        jnp.arange(N_CELLS))
+        t_prev = np.array(fit.t)
+        t_prev[::3] = np.nan  # cells the EM did not iterate on
+        t_prev[1::3] *= 1.05  # worse than the fitted times: the search must win there
+        t_prev = jnp.asarray(t_prev)
+        expected_t, expected_loss = jax.jit(hard_em.assign_times, static_argnames="config")(theta, t_prev, data, config)
+        zeros = jnp.zeros(width)
+        state = hard_em.EMState(theta, t_prev, zeros, zeros, jnp.zeros(width, bool), jnp.zeros(width, jnp.int32))
+        carry = hard_em.EMCarry(jnp.int32(0), jnp.asarray(True), jnp.int32(0), state,
+                                jnp.zeros((config.max_iter + 1, width)))
+        out, _ = hard_em.fit_step_jit(carry, data, theta, jnp.asarray(False), jnp.asarray(True), config=config,
+                                      n_steps=4)
+    np.testing.assert_array_equal(np.asarray(out.state.theta), np.asarray(theta))
+    assert int(out.it) == 1
+    # The same arithmetic fused differently: a Newton step's acceptance may flip in the last bits.
+    np.testing.assert_allclose(np.asarray(out.state.t), np.asarray(expected_t), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(out.state.loss), np.asarray(expected_loss), rtol=1e-10)
+    assert np.all(np.isfinite(np.asarray(out.state.t)))
+
+
+def test_a_fit_compiles_one_program(monkeypatch):
+    """The EM's start, its iterations and the last pass are branches of one program: a new
+    shape costs one compilation (each took seconds of a small fit's time as its own)."""
+    from velofit.core import compile_cache
+
+    asked = []
+    monkeypatch.setattr(compile_cache, "_load_or_compile",
+                        lambda jitted, *args: asked.append(jitted) or compile_cache._compile(jitted, args[0], args[1]))
+    mu, ms, _, _ = simulate()
+    fit = fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5), chunk_size=7)  # a shape no other test uses
+    assert fit.fitted.all()
+    assert len(asked) == 1

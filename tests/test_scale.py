@@ -90,7 +90,7 @@ def test_blocks_of_cells_timed_in_threads_give_the_same_fit(data, monkeypatch):
     """The last pass times blocks of cells in threads or one after another: bitwise the same."""
     import velofit.core.fit as fit_module
 
-    monkeypatch.setattr(fit_module, "time_block", lambda n_cells: min(n_cells, 16))  # 60 cells: 4 blocks
+    monkeypatch.setattr(fit_module, "program_rows", lambda n_cells, config: min(n_cells, 16))  # 60 cells: 4 blocks
     mu, ms = (np.asarray(data.layers[k]) for k in ("Mu", "Ms"))
     kwargs = {"width": N_VARS, "sample": np.arange(N_OBS), "config": CONFIG}
     one, three = (fit_chunk(mu, ms, threads=k, **kwargs) for k in (1, 3))

@@ -28,7 +28,7 @@ import numpy as np
 
 from .hard_em import EMCarry, EMConfig, EMState
 from .mstep import GeneData
-from .programs import advance_program, start_program
+from .programs import fit_program
 
 
 @dataclass
@@ -199,14 +199,13 @@ def em_round(mu, ms, weights, std_u, std_s, theta, t, loss, damping, converged, 
     with jax.enable_x64(True), jax.default_device(device):
         data = GeneData(*(jnp.asarray(a, dtype=jnp.float64) for a in (mu, ms, weights, std_u, std_s)),
                         jnp.arange(n_sample))
-        if started:
-            state = EMState(*(jnp.asarray(a) for a in (theta, t, loss, damping, converged)),
-                            jnp.asarray(n_iter, dtype=jnp.int32))
-            carry = EMCarry(jnp.int32(it), jnp.asarray(bool(exact)), jnp.int32(n_exact_done), state,
-                            jnp.asarray(trace))
-        else:
-            carry = start_program(n_sample, width, config, device)(data, jnp.asarray(theta, dtype=jnp.float64))
-        carry, done = advance_program(n_sample, width, config, device)(carry, data)
+        # Before the start the carry's arrays are placeholders of the right shapes.
+        theta = jnp.asarray(theta, dtype=jnp.float64)
+        state = EMState(theta, *(jnp.asarray(a) for a in (t, loss, damping, converged)),
+                        jnp.asarray(n_iter, dtype=jnp.int32))
+        carry = EMCarry(jnp.int32(it), jnp.asarray(bool(exact)), jnp.int32(n_exact_done), state, jnp.asarray(trace))
+        program = fit_program(n_sample, width, config, device)
+        carry, done = program(carry, data, theta, jnp.asarray(not started), jnp.asarray(False))
         st = carry.state
         return {
             "theta": np.asarray(st.theta), "t": np.asarray(st.t), "loss": np.asarray(st.loss),

@@ -44,7 +44,7 @@ import numpy as np
 from .._validation import check_fit_options, check_moments
 from .backends import LOCAL_CPU_WORKERS, check_backend, map_chunks, resolve_device
 from .em_pool import EMPool, run_pool
-from .hard_em import EMConfig
+from .hard_em import EMCarry, EMConfig, EMState
 from .initialize import MIN_CELLS, fitting_cells, gene_statistics, initial_parameters
 from .memory import (
     DEFAULT_CONFIG,
@@ -55,7 +55,7 @@ from .memory import (
     plan_width,
 )
 from .mstep import GeneData
-from .programs import time_block, times_program
+from .programs import fit_program, program_rows
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "ChunkFit", "GeneFit", "default_chunk_size", "fit_chunk", "fit_columns", "fit_genes"]
 
@@ -597,24 +597,34 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
     """
     t_sample, sample = previous
     n_cells, width = arrays[0].shape[0], t_sample.shape[1]
-    block = time_block(n_cells)
-    program = times_program(block, width, config, device)
+    block = program_rows(n_cells, config)
+    program = fit_program(block, width, config, device)
     t = np.empty((n_cells, width))
     loss = np.zeros(width)
     pending: deque = deque()
     # At most this many blocks wait: memory does not grow with the number of cells.
     in_flight = max(1, threads) + 1
-    rows = jnp.arange(block)  # GeneData.sample: read by the M-step only, made once
+    # The parts of the program's input that no block changes, made once: GeneData.sample
+    # (read by the M-step only) and the carry's schedule and bookkeeping (see fit_step).
+    rows = jnp.arange(block)
+    zeros = jnp.zeros(width)
+    carry = EMCarry(jnp.int32(0), jnp.asarray(True), jnp.int32(0),
+                    EMState(theta, None, zeros, zeros, jnp.zeros(width, bool), jnp.zeros(width, jnp.int32)),
+                    jnp.zeros((config.max_iter + 1, width)))
+    begin, final = jnp.asarray(False), jnp.asarray(True)
 
     def collect() -> None:
         start, result = pending.popleft()
-        t_block, loss_block = result.result() if isinstance(result, Future) else result
+        out, _ = result.result() if isinstance(result, Future) else result
         n = min(block, n_cells - start)
-        t[start : start + n] = np.asarray(t_block)[:n]
-        loss[:] += np.asarray(loss_block)
+        t[start : start + n] = np.asarray(out.state.t)[:n]
+        loss[:] += np.asarray(out.state.loss)
+
+    def launch(t_block, data):
+        return program(carry._replace(state=carry.state._replace(t=t_block)), data, theta, begin, final)
 
     def run(t_block, data):
-        return jax.block_until_ready(program(theta, t_block, data))
+        return jax.block_until_ready(launch(t_block, data))
 
     with ThreadPoolExecutor(threads, thread_name_prefix="velofit-times") if threads > 1 else nullcontext() as pool:
         for start in range(0, n_cells, block):
@@ -629,7 +639,7 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
             t_block = jnp.asarray(t_block)
             # Without threads, dispatch is asynchronous: the next block is gathered while
             # this one computes.
-            pending.append((start, pool.submit(run, t_block, data) if pool else program(theta, t_block, data)))
+            pending.append((start, pool.submit(run, t_block, data) if pool else launch(t_block, data)))
             if len(pending) > in_flight:
                 collect()
         while pending:

@@ -177,7 +177,7 @@ def init(data: GeneData, theta0) -> EMState:
     )
 
 
-def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=True) -> EMState:
+def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=True, m_step=True) -> EMState:
     """One EM iteration (M-step, then E-step) on the genes that have not converged.
 
     Parameters
@@ -192,14 +192,23 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=Tru
         EM settings.
     full
         Full or local exact E-step (see :func:`e_step`).
+    m_step
+        Update the parameters first (Python or traced boolean); ``False`` only reassigns
+        the times.
 
     Returns
     -------
     The next :class:`EMState`; converged genes are carried over unchanged.
     """
-    theta, damping, _ = levenberg_marquardt(
-        state.theta, state.damping, state.loss, state.t, data, config.n_lm
-    )
+
+    def update():
+        theta, damping, _ = levenberg_marquardt(state.theta, state.damping, state.loss, state.t, data, config.n_lm)
+        return theta, damping
+
+    if m_step is True:
+        theta, damping = update()
+    else:
+        theta, damping = jax.lax.cond(m_step, update, lambda: (state.theta, state.damping))
     t, loss = e_step(theta, state.t, data, exact, config, full)
     active = ~state.converged
     gain = (state.loss - loss) / jnp.maximum(state.loss, 1e-300)
@@ -267,7 +276,7 @@ def start(data: GeneData, theta0, config: EMConfig) -> EMCarry:
     return EMCarry(jnp.int32(0), jnp.asarray(n_explicit == 0), jnp.int32(0), state, trace)
 
 
-def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int):
+def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, final=False):
     """Run at most ``n_steps`` more iterations of the two-stage schedule.
 
     Parameters
@@ -280,6 +289,9 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int):
         EM settings (static).
     n_steps
         Most iterations in this call (static).
+    final
+        Instead, time every row under the carried parameters: one full exact E-step and no
+        M-step, whatever the schedule (:func:`assign_times`; Python or traced boolean).
 
     Returns
     -------
@@ -298,8 +310,9 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int):
         it, exact, n_exact_done, st, tr = carry
         active = ~st.converged
         # Exact throughout needs no branch: the explicit E-step is then compiled only for init.
-        full = (n_exact_done < 2) | (n_exact_done % config.full_every == 0)
-        st = step(st, data, True if n_explicit == 0 else exact, config, full)
+        full = final | (n_exact_done < 2) | (n_exact_done % config.full_every == 0)
+        st = step(st, data, True if n_explicit == 0 else exact | final, config, full,
+                  m_step=True if final is False else ~final)
         tr = tr.at[it + 1].set(jnp.where(active, st.loss, jnp.nan))
         it = it + 1
         n_exact_done = n_exact_done + exact.astype(jnp.int32)
@@ -309,8 +322,8 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int):
         st = st._replace(converged=jnp.where(switch, False, st.converged))
         return EMCarry(it, exact | switch, n_exact_done, st, tr)
 
-    stop = carry.it + n_steps
-    carry = jax.lax.while_loop(lambda c: schedule_open(c) & (c.it < stop), body, carry)
+    stop = carry.it + jnp.where(final, 1, n_steps)
+    carry = jax.lax.while_loop(lambda c: (final | schedule_open(c)) & (c.it < stop), body, carry)
     done = ~schedule_open(carry) | (carry.exact & carry.state.converged)
     return carry, done
 
@@ -346,6 +359,8 @@ def run(data: GeneData, theta0, config: EMConfig):
 def assign_times(theta, t_prev, data: GeneData, config: EMConfig):
     """Final exact time assignment (full grid search and Newton) of a block of cells.
 
+    The per-gene fit runs it as :func:`fit_step` with ``final`` (one compiled program).
+
     Parameters
     ----------
     theta
@@ -367,7 +382,40 @@ def assign_times(theta, t_prev, data: GeneData, config: EMConfig):
     return e_step(theta, t_prev, data, True, config)
 
 
+def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMConfig, n_steps: int):
+    """Everything the per-gene fit computes, as one function so that it is compiled once.
+
+    XLA compiles a program in seconds (most of a small fit's time), whatever is shared
+    between programs, so the fit's three uses are branches of one program of one shape:
+
+    - ``begin``: :func:`start` from ``theta0`` (``carry`` is ignored), then :func:`advance`;
+    - ``final``: :func:`assign_times` of the carried parameters and times (``carry.state``,
+      with ``carry.it``, ``carry.n_exact_done`` zero and ``carry.exact`` true);
+    - otherwise :func:`advance` ``n_steps`` more iterations.
+
+    Parameters
+    ----------
+    carry
+        The :class:`EMCarry` (any values of its shapes with ``begin``).
+    data
+        Observed data of the rows.
+    theta0
+        ``(5, n_genes)`` initial log-parameters, read with ``begin`` only.
+    begin, final
+        Traced booleans choosing the branch (not both).
+    config
+        EM settings (static).
+    n_steps
+        Most iterations of an :func:`advance` (static).
+
+    Returns
+    -------
+    ``(carry, done)`` as for :func:`advance`; with ``final``, ``carry.state.t`` and
+    ``carry.state.loss`` are those of :func:`assign_times`.
+    """
+    carry = jax.lax.cond(begin, lambda: start(data, theta0, config), lambda: carry)
+    return advance(carry, data, config, n_steps, final)
+
+
 run_jit = jax.jit(run, static_argnames=("config",))
-start_jit = jax.jit(start, static_argnames=("config",))
-advance_jit = jax.jit(advance, static_argnames=("config", "n_steps"))
-assign_times_jit = jax.jit(assign_times, static_argnames=("config",))
+fit_step_jit = jax.jit(fit_step, static_argnames=("config", "n_steps"))

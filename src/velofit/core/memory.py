@@ -2,10 +2,10 @@
 
 One chunk of ``width`` genes on ``n_cells`` cells needs
 
-- the buffers of the larger of its two compiled programs (:mod:`velofit.core.programs`: the
-  EM on at most ``config.n_jacobian_cells`` cells, then the final time assignment in blocks
-  of at most :data:`~velofit.core.programs.TIME_BLOCK_CELLS` cells), by XLA's own accounting
-  of the executable (arguments, outputs and temporaries): about 33 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
+- the buffers of its compiled program (:mod:`velofit.core.programs`: the EM on at most
+  ``config.n_jacobian_cells`` cells, and the final time assignment in blocks of as many
+  cells), by XLA's own accounting of the executable (arguments, outputs and temporaries):
+  about 33 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
 - NumPy arrays on the host while the chunk is read, initialised and written back
   (:data:`HOST_ARRAYS` float64 arrays of ``n_cells x width``, measured with ``tracemalloc``
   in ``tests/test_scale.py``).
@@ -25,7 +25,7 @@ import jax
 
 from .._validation import VelofitInputError
 from .hard_em import EMConfig
-from .programs import advance_program, start_program, time_block, times_program
+from .programs import fit_program, program_rows
 
 #: EM settings used when none are given.
 DEFAULT_CONFIG = EMConfig()
@@ -79,7 +79,7 @@ def default_chunk_size(n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES, c
 def chunk_footprint(n_cells: int, width: int, config: EMConfig, device: jax.Device | None = None) -> int:
     """Bytes one chunk needs: XLA's accounting of the compiled EM plus the host arrays.
 
-    Compiles the chunk's programs (:mod:`velofit.core.programs`; memoised, so the fit that
+    Compiles the chunk's program (:mod:`velofit.core.programs`; memoised, so the fit that
     follows does not compile again).
 
     Parameters
@@ -95,19 +95,11 @@ def chunk_footprint(n_cells: int, width: int, config: EMConfig, device: jax.Devi
     -------
     Bytes; the model of :func:`bytes_per_gene` where XLA gives no accounting.
     """
-    n_sample = min(n_cells, config.n_jacobian_cells)
     host = 8 * HOST_ARRAYS * n_cells * width
-    device = device or jax.devices()[0]
-    programs = (
-        start_program(n_sample, width, config, device),
-        advance_program(n_sample, width, config, device),
-        times_program(time_block(n_cells), width, config, device),
-    )
+    program = fit_program(program_rows(n_cells, config), width, config, device or jax.devices()[0])
     try:
-        xla = 0
-        for program in programs:  # they run one after the other
-            stats = program.memory_analysis()
-            xla = max(xla, stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
+        stats = program.memory_analysis()
+        xla = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
     except (AttributeError, NotImplementedError, TypeError):  # a backend without accounting
         return bytes_per_gene(n_cells, config) * width
     return int(xla + host)

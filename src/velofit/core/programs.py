@@ -1,18 +1,21 @@
-"""The compiled programs of the per-gene fit, of shapes that do not depend on the data size.
+"""The compiled program of the per-gene fit, of a shape that does not depend on the data size.
 
-A chunk of ``width`` genes runs
+A chunk of ``width`` genes runs one program, :func:`velofit.core.hard_em.fit_step`, on
+``n_sample`` rows (``min(n_cells, config.n_jacobian_cells)``, :func:`program_rows`):
 
-1. the hard EM on its ``n_sample`` iterated cells (``min(n_cells, config.n_jacobian_cells)``):
-   :func:`velofit.core.hard_em.start`, then :func:`velofit.core.hard_em.advance` a few
-   iterations at a time (the fit regroups unfinished genes between calls), then
+1. the hard EM on the iterated cells: :func:`velofit.core.hard_em.start` and a first few
+   iterations, then :func:`velofit.core.hard_em.advance` a few iterations at a time (the
+   fit regroups unfinished genes between calls), then
 2. the final exact time assignment (:func:`velofit.core.hard_em.assign_times`) of every cell,
-   in blocks of ``time_block(n_cells)`` cells.
+   in blocks of ``n_sample`` cells.
 
-Above 1,024 cells every shape is fixed, so one set of executables serves every dataset
-of that width and EM settings, and the disk cache of :mod:`velofit.core.compile_cache` lets
-later processes skip compilation. Blocks also keep the final assignment's arrays in the CPU
-cache (measured 2x faster than one pass over 5,000 cells) and its memory independent of the
-number of cells.
+XLA compiles a program in seconds, most of a small fit's time. Compiled as three programs
+(start, advance, time assignment) the fit took 7.0 s to trace and compile at 64 genes
+on 2 cores; one program that branches between them takes 4.7 s, about the largest alone. Above
+1,024 cells the shape is fixed, so one executable serves every dataset of that width and EM
+settings, and the disk cache of :mod:`velofit.core.compile_cache` lets later processes skip
+compilation. Blocks also keep the final assignment's arrays in the CPU cache (measured 2x
+faster than one pass over 5,000 cells) and its memory independent of the number of cells.
 """
 
 from __future__ import annotations
@@ -23,35 +26,29 @@ import jax
 import jax.numpy as jnp
 
 from .compile_cache import compiled
-from .hard_em import (
-    EMCarry,
-    EMConfig,
-    EMState,
-    advance_jit,
-    assign_times_jit,
-    start_jit,
-)
+from .hard_em import EMCarry, EMConfig, EMState, fit_step_jit
 from .mstep import GeneData
 
-#: Cells per block of the final time assignment. Measured at 50,000 cells x 256 genes on 2
-#: cores: 1024 cells per block took 4.7 s, 512 took 5.4 s (half as many Python dispatches
-#: and host copies per chunk); at 5,000 cells no difference.
-TIME_BLOCK_CELLS = 1024
+#: Iterations per call of the EM's ``advance`` (between regroupings of unfinished genes).
+ADVANCE_STEPS = 4
 
 
-def time_block(n_cells: int) -> int:
-    """Cells per block of the final time assignment: :data:`TIME_BLOCK_CELLS`, or all cells if fewer.
+def program_rows(n_cells: int, config: EMConfig) -> int:
+    """Rows of the fit's program: the cells the EM iterates on, and the cells per block of
+    the final time assignment (so that both run one compiled program).
 
     Parameters
     ----------
     n_cells
         Number of cells.
+    config
+        EM settings (``n_jacobian_cells``).
 
     Returns
     -------
-    Block length.
+    ``min(n_cells, config.n_jacobian_cells)``.
     """
-    return min(n_cells, TIME_BLOCK_CELLS)
+    return min(n_cells, config.n_jacobian_cells)
 
 
 def _gene_data(n_cells: int, width: int) -> GeneData:
@@ -66,17 +63,15 @@ def _gene_data(n_cells: int, width: int) -> GeneData:
     )
 
 
-#: Iterations per call of the EM's ``advance`` program (between regroupings of unfinished genes).
-ADVANCE_STEPS = 4
+def fit_program(n_rows: int, width: int, config: EMConfig, device: jax.Device) -> Any:
+    """Compiled :func:`velofit.core.hard_em.fit_step` (advancing :data:`ADVANCE_STEPS` iterations).
 
-
-def start_program(n_sample: int, width: int, config: EMConfig, device: jax.Device) -> Any:
-    """Compiled :func:`velofit.core.hard_em.start`, called as ``f(data, theta0) -> carry``.
+    Called as ``f(carry, data, theta0, begin, final) -> (carry, done)``.
 
     Parameters
     ----------
-    n_sample
-        Iterated cells.
+    n_rows
+        Rows (cells) of the data; :func:`program_rows` in the fit.
     width
         Genes per chunk.
     config
@@ -88,33 +83,10 @@ def start_program(n_sample: int, width: int, config: EMConfig, device: jax.Devic
     -------
     A ``jax.stages.Compiled``.
     """
-    theta = jax.ShapeDtypeStruct((5, width), jnp.float64)
-    return compiled(start_jit, (_gene_data(n_sample, width), theta), static={"config": config}, device=device)
-
-
-def advance_program(n_sample: int, width: int, config: EMConfig, device: jax.Device) -> Any:
-    """Compiled :func:`velofit.core.hard_em.advance` of :data:`ADVANCE_STEPS` iterations.
-
-    Called as ``f(carry, data) -> (carry, done)``.
-
-    Parameters
-    ----------
-    n_sample
-        Iterated cells.
-    width
-        Genes per chunk.
-    config
-        EM settings.
-    device
-        Device to run on.
-
-    Returns
-    -------
-    A ``jax.stages.Compiled``.
-    """
-    data = _gene_data(n_sample, width)
-    return compiled(advance_jit, (carry_spec(n_sample, width, config), data),
-                    static={"config": config, "n_steps": ADVANCE_STEPS}, device=device)
+    flag = jax.ShapeDtypeStruct((), jnp.bool_)
+    args = (carry_spec(n_rows, width, config), _gene_data(n_rows, width), jax.ShapeDtypeStruct((5, width), jnp.float64),
+            flag, flag)
+    return compiled(fit_step_jit, args, static={"config": config, "n_steps": ADVANCE_STEPS}, device=device)
 
 
 def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:
@@ -143,27 +115,3 @@ def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:
         converged=spec((width,), jnp.bool_), n_iter=spec((width,), i32),
     )
     return EMCarry(spec((), i32), spec((), jnp.bool_), spec((), i32), state, spec((config.max_iter + 1, width)))
-
-
-def times_program(block: int, width: int, config: EMConfig, device: jax.Device) -> Any:
-    """Compiled final time assignment, called as ``f(theta, t_prev, data) -> (t, loss)``.
-
-    Parameters
-    ----------
-    block
-        Cells per block.
-    width
-        Genes per chunk.
-    config
-        EM settings.
-    device
-        Device to run on.
-
-    Returns
-    -------
-    A ``jax.stages.Compiled``.
-    """
-    theta = jax.ShapeDtypeStruct((5, width), jnp.float64)
-    t_prev = jax.ShapeDtypeStruct((block, width), jnp.float64)
-    return compiled(assign_times_jit, (theta, t_prev, _gene_data(block, width)), static={"config": config},
-                    device=device)
