@@ -8,6 +8,10 @@ Every fit compares bitwise with the in-memory fit of the same data (60 cells x 6
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+import textwrap
 import time
 import tracemalloc
 
@@ -147,6 +151,29 @@ def test_host_arrays_within_model(data):
     finally:
         tracemalloc.stop()
     assert peak <= 8 * memory.HOST_ARRAYS * n_cells * N_VARS
+
+
+def test_first_pass_holds_few_copies_of_a_chunk(data):
+    """The first pass (statistics, percentiles, initial parameters) of one chunk holds at most
+    four float64 copies of the chunk at once on top of its input (2.7 here; 5.5 before its
+    percentiles partitioned in place and the initialisation stopped copying the fittable
+    columns). On a multi-core CPU two chunks run this pass at once, so this is the memory
+    that the threads double (issue #4: peak at most 3x the input at atlas size)."""
+    from velofit.core.fit import prepare_chunk
+
+    mu = np.asfortranarray(np.tile(data.layers["Mu"], (500, 1)), dtype=np.float64)
+    ms = np.asfortranarray(np.tile(data.layers["Ms"], (500, 1)), dtype=np.float64)
+    n_cells = mu.shape[0]
+    sample = np.arange(0, n_cells, 500)
+    prepare_chunk(mu, ms, sample=sample)
+    tracemalloc.start()
+    try:
+        prep = prepare_chunk(mu, ms, sample=sample)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert prep.ok.size == N_VARS
+    assert peak <= 4 * mu.nbytes
 
 
 def test_time_layers_are_float32_rounding_of_the_fit(data, reference):
@@ -399,3 +426,27 @@ def test_aligned_host_arrays_are_used_in_place_by_jax():
         del host
         gc.collect()
         np.testing.assert_array_equal(np.asarray(device), value)  # JAX keeps the memory alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_threads_of_a_fit_share_few_malloc_arenas(tmp_path):
+    """velofit caps glibc's malloc arenas before JAX starts its threads (velofit._heap): a
+    fresh process that fits on several threads ends with at most MAX_ARENAS heaps (glibc's
+    default gave 16 on 2 cores), so freed memory is not kept resident per thread."""
+    script = textwrap.dedent(f"""
+        import ctypes, numpy as np
+        from velofit._heap import MAX_ARENAS
+        from velofit.core.fit import fit_genes
+        rng = np.random.default_rng(0)
+        x = rng.random((3000, 20)) + 0.1
+        fit_genes(x, 1.1 * x + rng.random((3000, 20)))
+        libc = ctypes.CDLL("libc.so.6")
+        libc.fopen.restype = ctypes.c_void_p
+        f = libc.fopen({str(tmp_path / "info.xml")!r}.encode(), b"w")
+        libc.malloc_info(0, ctypes.c_void_p(f))
+        libc.fclose(ctypes.c_void_p(f))
+        print(MAX_ARENAS, open({str(tmp_path / "info.xml")!r}).read().count("<heap nr="))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    allowed, heaps = (int(v) for v in out.stdout.split()[-2:])
+    assert 1 <= heaps <= allowed

@@ -322,6 +322,10 @@ def fit_columns(
           for name in ("mu", "ms", "weights", "std_u_ok", "std_s_ok", "theta0")),
         config.max_iter,
     )
+    # The pool holds its own copy of the iterated cells: the chunks' copies (three float64
+    # values per iterated cell and gene) are not needed for the rest of the fit.
+    for prep in preps:
+        prep.mu = prep.ms = prep.weights = np.zeros((0, 0))
     run_pool(pool, width, config, device, _counting(partial(run, workers=workers), pool, progress))
     # 3. Every cell timed under the fitted parameters, chunk by chunk of the input.
     offsets = np.cumsum([0] + [p.ok.size for p in preps])
@@ -451,7 +455,12 @@ def prepare_chunk(mu: np.ndarray, ms: np.ndarray, *, sample: np.ndarray) -> Prep
     mu, ms = _as_fortran(mu, ms)
     stats = gene_statistics(mu, ms)
     status, ok = _fittable(stats.n_cells, stats.std_u, stats.std_s)
-    theta0 = np.log(initial_parameters(mu[:, ok], ms[:, ok], _subset(stats, ok))) if ok.size else np.zeros((5, 0))
+    if ok.size == mu.shape[1]:  # usually: no copies of the chunk (the first pass's peak memory)
+        theta0 = np.log(initial_parameters(mu, ms, stats))
+    elif ok.size:
+        theta0 = np.log(initial_parameters(mu[:, ok], ms[:, ok], _subset(stats, ok)))
+    else:
+        theta0 = np.zeros((5, 0))
     rows = np.ix_(sample, ok)
     return Prepared(
         std_u=stats.std_u, std_s=stats.std_s, n_cells=stats.n_cells, status=status, ok=ok,

@@ -385,8 +385,9 @@ def assign_times(theta, t_prev, data: GeneData, config: EMConfig):
 def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMConfig, n_steps: int):
     """Everything the per-gene fit computes, as one function so that it is compiled once.
 
-    XLA compiles a program in seconds (most of a small fit's time), whatever is shared
-    between programs, so the fit's three uses are branches of one program of one shape:
+    XLA compiles every program on its own, in seconds (most of a small fit's time), even
+    where programs share code; so the fit's three uses are branches of one program of one
+    shape (:mod:`velofit.core.programs`):
 
     - ``begin``: :func:`start` from ``theta0`` (``carry`` is ignored), then :func:`advance`;
     - ``final``: :func:`assign_times` of the carried parameters and times (``carry.state``,

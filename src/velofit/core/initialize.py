@@ -67,10 +67,10 @@ def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
     if q >= 50.0:
         # Rank from the top: only the few largest values of a column need ordering, so a
         # partition (linear time) and a sort of those replace a sort of every column.
-        ordered = _smallest_sorted(np.where(mask, -x, np.inf), np.max(count - 1 - lo, initial=0) + 1)
+        ordered = _smallest_sorted(_masked(x, mask, negate=True), np.max(count - 1 - lo, initial=0) + 1)
         low, high = -ordered[count - 1 - lo, cols], -ordered[np.maximum(count - 1 - hi, 0), cols]
     else:
-        ordered = _smallest_sorted(np.where(mask, x, np.inf), np.max(hi, initial=0) + 1)
+        ordered = _smallest_sorted(_masked(x, mask, negate=False), np.max(hi, initial=0) + 1)
         low, high = ordered[lo, cols], ordered[hi, cols]
     with np.errstate(invalid="ignore"):
         # low + (high - low) * frac is exactly low when the two are tied (counts often are).
@@ -78,11 +78,23 @@ def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
     return np.where(count > 0, value, np.nan)
 
 
+def _masked(x: np.ndarray, mask: np.ndarray, *, negate: bool) -> np.ndarray:
+    """``np.where(mask, -x if negate else x, np.inf)`` in one new array (no temporary)."""
+    if not negate:
+        return np.where(mask, x, np.inf)
+    out = np.where(mask, x, -np.inf)
+    return np.negative(out, out=out)
+
+
 def _smallest_sorted(x: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` smallest values of every column of ``x``, sorted: ``np.sort(x, axis=0)[:k]``."""
+    """The ``k`` smallest values of every column of ``x``, sorted: ``np.sort(x, axis=0)[:k]``.
+
+    ``x`` is a temporary of the caller's and is partitioned in place (no second full copy).
+    """
     k = min(max(k, 1), x.shape[0])
     if k < x.shape[0]:
-        x = np.partition(x, k - 1, axis=0)[:k]
+        x.partition(k - 1, axis=0)
+        x = x[:k]
     return np.sort(x, axis=0)
 
 
