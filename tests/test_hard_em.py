@@ -365,7 +365,6 @@ def test_final_branch_of_the_fit_program_is_the_time_assignment():
     config = EMConfig(max_iter=6)
     fit = fit_genes(mu, ms, config)
     prep = prepare_chunk(mu, ms, sample=np.arange(N_CELLS))
-    width = N_GENES
     with jax.enable_x64(True):
         theta = jnp.log(jnp.asarray(np.stack([fit.alpha, fit.beta, fit.gamma, fit.t_, fit.scaling])))
         data = GeneData(*(jnp.asarray(a) for a in (prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok)),
@@ -375,10 +374,7 @@ def test_final_branch_of_the_fit_program_is_the_time_assignment():
         t_prev[1::3] *= 1.05  # worse than the fitted times: the search must win there
         t_prev = jnp.asarray(t_prev)
         expected_t, expected_loss = jax.jit(hard_em.assign_times, static_argnames="config")(theta, t_prev, data, config)
-        zeros = jnp.zeros(width)
-        state = hard_em.EMState(theta, t_prev, zeros, zeros, jnp.zeros(width, bool), jnp.zeros(width, jnp.int32))
-        carry = hard_em.EMCarry(jnp.int32(0), jnp.asarray(True), jnp.int32(0), state,
-                                jnp.zeros((config.max_iter + 1, width)))
+        carry = hard_em.timing_carry(theta, t_prev, config.max_iter)
         out, _ = hard_em.fit_step_jit(carry, data, theta, jnp.asarray(False), jnp.asarray(True), config=config,
                                       n_steps=4)
     np.testing.assert_array_equal(np.asarray(out.state.theta), np.asarray(theta))

@@ -44,7 +44,7 @@ import numpy as np
 from .._validation import check_fit_options, check_moments
 from .backends import LOCAL_CPU_WORKERS, check_backend, map_chunks, resolve_device
 from .em_pool import EMPool, run_pool
-from .hard_em import EMCarry, EMConfig, EMState
+from .hard_em import EMConfig, timing_carry
 from .initialize import MIN_CELLS, fitting_cells, gene_statistics, initial_parameters
 from .memory import (
     DEFAULT_CONFIG,
@@ -614,12 +614,9 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
     # At most this many blocks wait: memory does not grow with the number of cells.
     in_flight = max(1, threads) + 1
     # The parts of the program's input that no block changes, made once: GeneData.sample
-    # (read by the M-step only) and the carry's schedule and bookkeeping (see fit_step).
+    # (read by the M-step only) and the carry but for its times.
     rows = jnp.arange(block)
-    zeros = jnp.zeros(width)
-    carry = EMCarry(jnp.int32(0), jnp.asarray(True), jnp.int32(0),
-                    EMState(theta, None, zeros, zeros, jnp.zeros(width, bool), jnp.zeros(width, jnp.int32)),
-                    jnp.zeros((config.max_iter + 1, width)))
+    carry = timing_carry(theta, None, config.max_iter)
     begin, final = jnp.asarray(False), jnp.asarray(True)
 
     def collect() -> None:

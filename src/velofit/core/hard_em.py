@@ -382,6 +382,29 @@ def assign_times(theta, t_prev, data: GeneData, config: EMConfig):
     return e_step(theta, t_prev, data, True, config)
 
 
+def timing_carry(theta, t_prev, max_iter: int) -> EMCarry:
+    """The carry with which :func:`fit_step`'s ``final`` branch times rows under ``theta``.
+
+    Parameters
+    ----------
+    theta
+        ``(5, n_genes)`` fitted log-parameters.
+    t_prev
+        ``(n_cells, n_genes)`` previous times (``nan`` where none), as for
+        :func:`assign_times`; or ``None``, to be replaced per block of cells.
+    max_iter
+        ``config.max_iter`` (the length of the carry's trace).
+
+    Returns
+    -------
+    :class:`EMCarry`.
+    """
+    width = theta.shape[1]
+    zeros = jnp.zeros(width, theta.dtype)
+    state = EMState(theta, t_prev, zeros, zeros, jnp.zeros(width, bool), jnp.zeros(width, jnp.int32))
+    return EMCarry(jnp.int32(0), jnp.asarray(True), jnp.int32(0), state, jnp.zeros((max_iter + 1, width), theta.dtype))
+
+
 def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMConfig, n_steps: int):
     """Everything the per-gene fit computes, as one function so that it is compiled once.
 
@@ -390,8 +413,8 @@ def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMCon
     shape (:mod:`velofit.core.programs`):
 
     - ``begin``: :func:`start` from ``theta0`` (``carry`` is ignored), then :func:`advance`;
-    - ``final``: :func:`assign_times` of the carried parameters and times (``carry.state``,
-      with ``carry.it``, ``carry.n_exact_done`` zero and ``carry.exact`` true);
+    - ``final``: :func:`assign_times` of the carried parameters and times (a carry from
+      :func:`timing_carry`);
     - otherwise :func:`advance` ``n_steps`` more iterations.
 
     Parameters
