@@ -12,7 +12,7 @@ compilation). Elsewhere it does nothing.
 On a multi-core CPU a fit runs chunks and blocks of cells in threads, and glibc gives every
 new thread its own heap ("arena"); memory freed in those heaps is not all returned by the trim.
 :func:`limit_arenas` therefore caps the process at two arenas when velofit's fitting code is
-imported (:mod:`velofit.core.fit`), before JAX starts its compiler and runtime threads
+imported (:mod:`velofit.core`), before JAX starts its compiler and runtime threads
 (``mallopt(M_ARENA_MAX, 2)``, what ``MALLOC_ARENA_MAX=2`` does at start-up): measured on a
 per-gene fit of 100,000 cells x 2,000 genes, peak RSS 4,710-4,777 MB with glibc's default
 (8 arenas per core; 16 after one small fit on 2 cores) and 4,634 MB with two, at the same
@@ -20,10 +20,11 @@ speed. The cap is process-wide and permanent (glibc fixes the limit once it is f
 needed); it has no effect if the process already has more than eight arenas (e.g. JAX ran
 before velofit was imported), and none off glibc.
 
-:func:`release_free_memory` first runs the cyclic garbage collector: a JAX array that uses a NumPy array's memory in
-place (:func:`velofit._host.to_device`) sits in a reference cycle inside JAX, so its memory
-is returned only when the collector runs, not when the last reference goes (measured: a
-1 GB chunked copy of the data stayed resident until ``gc.collect()``).
+:func:`release_free_memory` first runs the cyclic garbage collector: a JAX array that uses a
+NumPy array's memory in place (:func:`velofit._host.to_device`) sits in a reference cycle
+inside JAX, so its memory is returned only when the collector runs, not when the last
+reference goes (measured: a 1 GB chunked copy of the data stayed resident until
+``gc.collect()``).
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ import gc
 import sys
 
 
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
+@functools.cache
+def _glibc(name: str):
+    """The C library's function ``name``, or ``None`` off Linux or where it lacks it (e.g. musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
         return None
 
 
@@ -62,7 +63,7 @@ def release_free_memory(collect: bool = True) -> bool:
     """
     if collect:
         gc.collect()
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     return bool(trim(0)) if trim is not None else False
 
 
@@ -80,10 +81,5 @@ def limit_arenas() -> bool:
     -------
     Whether glibc accepted the setting (``False`` off glibc).
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, MAX_ARENAS))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    mallopt = _glibc("mallopt")
+    return bool(mallopt(_M_ARENA_MAX, MAX_ARENAS)) if mallopt is not None else False

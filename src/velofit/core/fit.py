@@ -334,7 +334,7 @@ def fit_columns(
     def read_fit(cols: np.ndarray) -> tuple:
         genes = position[int(cols[0])]
         prep = prepared[int(cols[0])]
-        return (*read(cols), prep.bounds, np.stack([prep.std_u, prep.std_s]), prep.ok, pool.theta[:, genes],
+        return (*read(cols), prep.bounds, prep.scales, prep.ok, pool.theta[:, genes],
                 pool.t[:, genes], pool.trace[:, genes], pool.converged[genes], pool.n_iter[genes])
 
     task = partial(finish_chunk, width=width, sample=sample, config=config, device=device, threads=threads)
@@ -420,6 +420,11 @@ class Prepared:
     ms: np.ndarray
     weights: np.ndarray
     bounds: np.ndarray
+
+    @property
+    def scales(self) -> np.ndarray:
+        """``(2, k)`` ``std_u`` and ``std_s``: what the last pass needs besides ``bounds``."""
+        return np.stack([self.std_u, self.std_s])
 
 
 def _as_fortran(mu: np.ndarray, ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -581,7 +586,7 @@ def fit_chunk(
     pool = EMPool.create(prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok, prep.theta0, config.max_iter)
     if prep.ok.size:
         run_pool(pool, width, config, device, map_chunks)
-    return finish_chunk(mu, ms, prep.bounds, np.stack([prep.std_u, prep.std_s]), prep.ok, pool.theta, pool.t,
+    return finish_chunk(mu, ms, prep.bounds, prep.scales, prep.ok, pool.theta, pool.t,
                         pool.trace, pool.converged, pool.n_iter, width=width, sample=sample, config=config,
                         device=device, threads=threads)
 
@@ -601,8 +606,8 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
     Blocks are gathered here, in this thread, and run ``threads`` at a time in a thread pool
     that only calls the compiled program: XLA runs one program at a time per caller and uses
     the second core of a CPU only in part (measured on 2 cores, blocks of 512 cells x 64
-    genes: 6.6 ms per block alone, 4.3 ms with two callers). Host arrays are allocated in this thread only, so glibc does
-    not keep a heap per thread.
+    genes: 6.6 ms per block alone, 4.3 ms with two callers). Host arrays are allocated in
+    this thread only (glibc's per-thread heaps: :mod:`velofit._heap`).
     """
     t_sample, sample = previous
     n_cells, width = arrays[0].shape[0], t_sample.shape[1]
