@@ -295,19 +295,25 @@ def test_exact_throughout_and_max_iter():
 
 def test_regrouped_rounds_equal_one_uninterrupted_run():
     """The fit's EM rounds (a few iterations, then unfinished genes regrouped into new
-    chunks) give bitwise what uninterrupted runs of fixed chunks of the same width give.
+    chunks) give what the same compiled program gives when it runs fixed chunks of the same
+    width, never regrouped, until every gene is done: the same iterations, convergence and
+    traces, and parameters, times and losses equal to the last bits.
 
-    (The width itself may change the last bit of a loss: XLA's reduction over cells is
-    ordered by the shape; see test_determinism for the widths that agree bitwise.)
+    Not bitwise: XLA compiles a fusion into a vectorised loop and a scalar loop for the
+    elements left over, which may round differently, so a gene's last bit can depend on its
+    column in the chunk (measured since the curve of the time assignment is computed once
+    into buffers: 1 of 100 parameters by 2.8e-17, 1 of 10,000 times by 5.5e-12). The widths that agree bitwise whatever
+    the grouping are in test_determinism.
     """
     from velofit.core import em_pool
     from velofit.core.fit import prepare_chunk
-    from velofit.core.hard_em import run_jit
     from velofit.core.mstep import GeneData
+    from velofit.core.programs import carry_spec, fit_program
 
     mu, ms, _, _ = simulate()
     config, width = EMConfig(max_iter=15, tol=1e-6), 3
     prep = prepare_chunk(mu, ms, sample=np.arange(N_CELLS))
+    program = fit_program(N_CELLS, width, config, jax.devices("cpu")[0])
     parts = []
     for start in range(0, N_GENES, width):
         cols = np.arange(start, min(start + width, N_GENES))
@@ -315,8 +321,13 @@ def test_regrouped_rounds_equal_one_uninterrupted_run():
         with jax.enable_x64(True):
             data = GeneData(*(jnp.asarray(a[..., pad]) for a in (prep.mu, prep.ms, prep.weights, prep.std_u_ok,
                                                                    prep.std_s_ok)), jnp.arange(N_CELLS))
-            out, out_trace = run_jit(data, jnp.asarray(prep.theta0[:, pad]), config)
-        parts.append(jax.tree.map(lambda a, k=cols.size: np.asarray(a)[..., :k], (out, out_trace)))
+            carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), carry_spec(N_CELLS, width, config))
+            begin, done = True, np.zeros(width, bool)
+            while not done.all():
+                carry, done = program(carry, data, jnp.asarray(prep.theta0[:, pad]), jnp.asarray(begin),
+                                      jnp.asarray(False))
+                begin, done = False, np.asarray(done)
+        parts.append(jax.tree.map(lambda a, k=cols.size: np.asarray(a)[..., :k], (carry.state, carry.trace)))
     state, trace = jax.tree.map(lambda *a: np.concatenate(a, axis=-1), *parts)
     pool = em_pool.EMPool.create(prep.mu, prep.ms, prep.weights, prep.std_u_ok, prep.std_s_ok, prep.theta0,
                                  config.max_iter)
@@ -331,10 +342,12 @@ def test_regrouped_rounds_equal_one_uninterrupted_run():
     n_iter = np.asarray(state.n_iter)
     assert len(set(n_iter)) > 2, "the genes should need different numbers of iterations"
     assert any(len(r) < len(rounds[0]) for r in rounds[1:]), "finished genes should leave the rounds"
-    np.testing.assert_array_equal(pool.theta, np.asarray(state.theta))
-    np.testing.assert_array_equal(pool.t, np.asarray(state.t))
-    np.testing.assert_array_equal(pool.loss, np.asarray(state.loss))
-    np.testing.assert_array_equal(pool.trace, np.asarray(trace))
+    last_bits = {"rtol": 1e-12, "atol": 1e-15}
+    np.testing.assert_allclose(pool.theta, np.asarray(state.theta), **last_bits)
+    np.testing.assert_allclose(pool.loss, np.asarray(state.loss), **last_bits)
+    np.testing.assert_allclose(pool.trace, np.asarray(trace), **last_bits)
+    # A last-bit difference can flip a Newton step's acceptance, which moves a time further.
+    np.testing.assert_allclose(pool.t, np.asarray(state.t), rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(pool.n_iter, n_iter)
     np.testing.assert_array_equal(pool.converged, np.asarray(state.converged))
     assert pool.done.all()

@@ -5,7 +5,7 @@ One chunk of ``width`` genes on ``n_cells`` cells needs
 - the buffers of its compiled program (:mod:`velofit.core.programs`: the EM on at most
   ``config.n_jacobian_cells`` cells, and the final time assignment in blocks of as many
   cells), by XLA's own accounting of the executable (arguments, outputs and temporaries):
-  about 33 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
+  about 56 float64 arrays of ``n_sample x width`` on CPU, whatever ``n_cells``;
 - NumPy arrays on the host while the chunk is read, initialised and written back
   (:data:`HOST_ARRAYS` float64 arrays of ``n_cells x width``, measured with ``tracemalloc``
   in ``tests/test_scale.py``).
@@ -31,8 +31,9 @@ from .programs import fit_program, program_rows
 DEFAULT_CONFIG = EMConfig()
 #: Default memory budget of one chunk's working set, in bytes (2 GiB).
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
-#: float64 arrays of ``n_sample x width`` the compiled programs hold (model; XLA measured 33-36).
-XLA_ARRAYS = 40
+#: float64 arrays of ``n_sample x width`` the compiled program holds, with its arguments (model;
+#: XLA's accounting: 51 at 1,024 x 64, 56 since the curve is computed once into buffers).
+XLA_ARRAYS = 48
 #: float64 arrays of ``n_cells x width`` held on the host by one chunk (model; see module doc).
 HOST_ARRAYS = 14
 #: Every chunk holds at least this many genes (a ``(n_cells, 1)`` chunk rounds differently).
