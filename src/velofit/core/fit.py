@@ -190,9 +190,21 @@ def fit_genes(
     """
     mu, ms = check_moments(mu, ms)
     return fit_columns(
-        lambda cols: (mu[:, cols], ms[:, cols]), *mu.shape, config, chunk_size=chunk_size,
+        lambda cols: (mu[:, _as_slice(cols)], ms[:, _as_slice(cols)]), *mu.shape, config, chunk_size=chunk_size,
         memory_budget=memory_budget, seed=seed, progress=progress, backend=backend, client=client, device=device,
     )
+
+
+def _as_slice(cols: np.ndarray) -> slice | np.ndarray:
+    """``cols`` as a slice when they are consecutive (the fit's chunks are), else as they are.
+
+    Columns read through a slice are a view; through an index array NumPy gathers them into
+    a copy, element by element (measured: 1.2 s of a 14 s fit at 50,000 x 1,000). The fit
+    only reads its input, and copies it to one layout where it needs one.
+    """
+    if cols.size and cols[-1] - cols[0] == cols.size - 1 and np.all(np.diff(cols) == 1):
+        return slice(int(cols[0]), int(cols[-1]) + 1)
+    return cols
 
 
 def fit_columns(
@@ -369,9 +381,10 @@ def _remote_footprint(client: Any, config: EMConfig, device: str, n_cells: int, 
 
 def _empty_fit(n_cells: int, n_genes: int, max_iter: int, times: np.ndarray | None = None) -> GeneFit:
     nan = np.full(n_genes, np.nan)
+    # Not filled: _store writes every column once, NaN where a gene has no times (filling
+    # first wrote the largest array twice: 0.9 s of a 10 s fit at 50,000 x 1,000).
     if times is None:
         times = np.empty((n_cells, n_genes))
-    times.fill(np.nan)
     return GeneFit(
         alpha=nan.copy(), beta=nan.copy(), gamma=nan.copy(), t_=nan.copy(), scaling=nan.copy(),
         std_u=nan.copy(), std_s=nan.copy(), loss=nan.copy(),
@@ -680,6 +693,9 @@ def _store(out: GeneFit, cols: np.ndarray, chunk: ChunkFit) -> None:
     out.alpha[target], out.beta[target], out.gamma[target], out.t_[target], out.scaling[target] = chunk.theta
     out.loss[target] = chunk.loss
     out.t[:, target] = chunk.t
+    unfitted = cols[np.setdiff1d(np.arange(cols.size), chunk.ok)]
+    if unfitted.size:
+        out.t[:, unfitted] = np.nan
     out.trace[:, target] = chunk.trace
     out.converged[target] = chunk.converged
     out.n_iter[target] = chunk.n_iter
