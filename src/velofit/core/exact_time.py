@@ -28,7 +28,13 @@ _GRID_GROUP = 8
 def _curve_terms(tau, u, s, u0, s0, alpha_k, beta, gamma, std_u, std_s):
     """Distance of ``(u, s)`` to the curve at ``tau`` with its first two tau-derivatives."""
     # Three outputs read the curve: evaluated once (each output's fusion recomputed it).
-    cu, cs = evaluate_once(phase_state, tau, u0, s0, alpha_k, beta, gamma)
+    state = evaluate_once(phase_state, tau, u0, s0, alpha_k, beta, gamma)
+    return _terms_at(state, u, s, alpha_k, beta, gamma, std_u, std_s)
+
+
+def _terms_at(state, u, s, alpha_k, beta, gamma, std_u, std_s):
+    """:func:`_curve_terms` given the curve's state ``(u(tau), s(tau))``."""
+    cu, cs = state
     vu = alpha_k - beta * cu
     vs = beta * cu - gamma * cs
     au = -beta * vu
@@ -49,8 +55,9 @@ def _scaled_grid(u, s, u0, s0, alpha_k, beta, gamma, spacing, std_u, std_s, n_gr
     units of their residual scales, so that neither the scale nor a large offset of a gene's
     values costs precision or overflows. It only picks the start of the float64
     refinement: a near-tie (within float32 rounding) may pick either point.
-    Returns ``(su, ss, grid_su, grid_ss)``, the grid's with a leading axis of ``n_grid``
-    and the data's rank after it.
+    Returns ``(su, ss, grid_su, grid_ss, grid_u, grid_s)``, the grid's with a leading axis
+    of ``n_grid`` and the data's rank after it (``grid_u``, ``grid_s``: the curve at the
+    grid points in float64).
     """
     grid = spacing * jnp.arange(n_grid, dtype=u.dtype).reshape((n_grid,) + (1,) * jnp.ndim(spacing))
     grid_u, grid_s = phase_state(grid, u0, s0, alpha_k, beta, gamma)
@@ -59,7 +66,8 @@ def _scaled_grid(u, s, u0, s0, alpha_k, beta, gamma, spacing, std_u, std_s, n_gr
     su, ss = ((u - mid_u) / std_u).astype(f32), ((s - mid_s) / std_s).astype(f32)
     grid_su, grid_ss = ((grid_u - mid_u) / std_u).astype(f32), ((grid_s - mid_s) / std_s).astype(f32)
     rank = su.ndim + 1
-    return su, ss, *(g.reshape(g.shape[:1] + (1,) * (rank - g.ndim) + g.shape[1:]) for g in (grid_su, grid_ss))
+    return su, ss, *(g.reshape(g.shape[:1] + (1,) * (rank - g.ndim) + g.shape[1:])
+                     for g in (grid_su, grid_ss, grid_u, grid_s))
 
 
 def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid):
@@ -85,12 +93,19 @@ def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, 
     ``(tau, dist)``: the best grid time and its squared scaled distance (float32), each
     ``(n_cells, n_genes)``.
     """
+    tau, dist, _ = _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid)
+    return tau, dist
+
+
+def _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid):
+    """:func:`grid_search_phase`, with the curve's float64 state ``(u, s)`` at the chosen point."""
     index_bits = max(1, (n_grid - 1).bit_length())
     if index_bits > _MAX_INDEX_BITS:
         raise ValueError(f"n_grid must be at most {1 << _MAX_INDEX_BITS}, got {n_grid}")
     spacing = length / (n_grid - 1)
     scaled = partial(_scaled_grid, n_grid=n_grid)
-    su, ss, grid_su, grid_ss = evaluate_once(scaled, u, s, u0, s0, alpha_k, beta, gamma, spacing, std_u, std_s)
+    su, ss, grid_su, grid_ss, grid_u, grid_s = evaluate_once(scaled, u, s, u0, s0, alpha_k, beta, gamma, spacing,
+                                                             std_u, std_s)
     # A non-negative float32 orders as its bit pattern: each point's index is written into
     # the lowest mantissa bits of its distance, and the smallest packed value carries the
     # nearest point (distances equal in all but those bits tie, the lowest index winning,
@@ -115,11 +130,16 @@ def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, 
     first = jnp.full(su.shape, jnp.iinfo(jnp.int32).max, jnp.int32)
     best, _ = jax.lax.scan(search, first, (grouped(grid_su), grouped(grid_ss), grouped(index)))
     dist = jax.lax.bitcast_convert_type(best & ~index_mask, jnp.float32)
-    tau = spacing * (best & index_mask).astype(u.dtype)
-    return tau, dist
+    index = best & index_mask
+    tau = spacing * index.astype(u.dtype)
+    # The curve at the chosen points is read from the grid (a gather costs a fraction of an
+    # evaluation of the curve).
+    state = tuple(jnp.take_along_axis(jnp.broadcast_to(g, (n_grid,) + index.shape), index[None], axis=0)[0]
+                  for g in (grid_u, grid_s))
+    return tau, dist, state
 
 
-def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u, std_s, n_newton):
+def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u, std_s, n_newton, state=None):
     """Safeguarded Newton steps on the squared distance to the curve, within ``[0, length]``.
 
     Each step is clipped to a trust region (initially ``radius``, shrunk four-fold after a
@@ -143,13 +163,19 @@ def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u
         Residual scales.
     n_newton
         Number of steps (static).
+    state
+        The curve's ``(u(tau), s(tau))`` at the starting ``tau`` when known (e.g. from the
+        grid); computed otherwise.
 
     Returns
     -------
     ``(tau, dist)``, with ``dist`` never above its value at the starting ``tau``.
     """
     args = (u, s, u0, s0, alpha_k, beta, gamma, std_u, std_s)
-    dist, grad, hess = _curve_terms(tau, *args)
+    if state is None:
+        dist, grad, hess = _curve_terms(tau, *args)
+    else:
+        dist, grad, hess = _terms_at(state, u, s, alpha_k, beta, gamma, std_u, std_s)
     radius = jnp.broadcast_to(radius, tau.shape)
 
     def refine(_, carry):
@@ -203,9 +229,9 @@ def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n
     # Both phases at once along a leading axis (induction, repression): one program, half the code.
     u0, s0, alpha_k, length = (jnp.stack([a, b])[:, None, :] for a, b in
                                ((zero, u_), (zero, s_), (alpha, zero), (t_, tau_max)))
-    tau, _ = grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid)
+    tau, _, state = _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid)
     radius = length / (n_grid - 1)
-    tau, dist = refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, *scales, n_newton)
+    tau, dist = refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, *scales, n_newton, state)
     on = dist[0] <= dist[1]
     return jnp.where(on, tau[0], t_ + tau[1]), jnp.where(on, dist[0], dist[1])
 
