@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .buffers import evaluate_once
 from .exact_time import exact_times, local_times
 from .explicit_time import explicit_times
 from .kinetics import KineticParams
@@ -142,13 +143,18 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     else:
         t, dist = jax.lax.cond(exact, exact_branch, explicit_branch)
     if t_prev is not None:
-        ru, rs = residuals(theta, t_prev, data)
-        dist_prev = ru * ru + rs * rs
+        # Read by the choice of time and of distance: computed once (velofit.core.buffers).
+        dist_prev = evaluate_once(_squared_residuals, theta, t_prev, data)
         # A previous time wins only where it is strictly nearer (a NaN previous time never does).
         keep = (dist_prev < dist) | jnp.isnan(dist)
         t = jnp.where(keep, t_prev, t)
         dist = jnp.where(keep, dist_prev, dist)
     return t, jnp.sum(data.weights * dist, axis=0)
+
+
+def _squared_residuals(theta, t, data: GeneData):
+    ru, rs = residuals(theta, t, data)
+    return ru * ru + rs * rs
 
 
 def init(data: GeneData, theta0) -> EMState:
