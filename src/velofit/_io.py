@@ -2,7 +2,8 @@
 
 :func:`velofit.tl.recover_dynamics` fits genes in chunks; :class:`LayerColumns` gives it
 the moments of one chunk of genes as a validated float64 array, so that velofit never
-holds a full float64 copy of ``Ms``/``Mu``. Supported storage (all give the same values,
+holds a full float64 copy of ``Ms``/``Mu`` (consecutive float64 columns in memory are
+read as views, and copied by the fit only where it needs another layout). Supported storage (all give the same values,
 so the fit is bitwise the same):
 
 - NumPy arrays and SciPy sparse matrices in memory (also what ``anndata.read_h5ad(path,
@@ -66,10 +67,12 @@ class LayerColumns:
 
         Returns
         -------
-        ``(n_obs, len(cols))`` new float64 array, checked finite and non-negative.
+        ``(n_obs, len(cols))`` float64 array, checked finite and non-negative: a view of
+        the layer where its columns are consecutive and already float64 (the fit only reads
+        it), else a new array.
         """
         idx = self.genes[cols]
-        values = np.array(_read_columns(self.matrix, idx), dtype=np.float64)  # always a copy
+        values = np.asarray(_read_columns(self.matrix, idx), dtype=np.float64)
         _check_values(values, f"layer {self.layer!r}", list(self.names[cols]))
         return values
 
@@ -77,7 +80,9 @@ class LayerColumns:
 def _read_columns(matrix: object, idx: np.ndarray) -> np.ndarray:
     """Dense ``matrix[:, idx]`` for every supported storage (``idx`` sorted)."""
     if isinstance(matrix, np.ndarray):
-        return matrix[:, idx]
+        # A slice is a view; an index array gathers a copy element by element.
+        consecutive = idx.size and idx[-1] - idx[0] == idx.size - 1
+        return matrix[:, int(idx[0]) : int(idx[-1]) + 1] if consecutive else matrix[:, idx]
     if sp.issparse(matrix):
         return matrix[:, idx].toarray()
     if _is_dask(matrix):

@@ -393,7 +393,8 @@ def check_moments(mu: object, ms: object) -> tuple[np.ndarray, np.ndarray]:
 
     Returns
     -------
-    ``(mu, ms)`` as new dense float64 arrays, finite and non-negative.
+    ``(mu, ms)`` as dense float64 arrays, finite and non-negative: the inputs themselves
+    where they already are (the fit only reads them), else new arrays.
     """
     out = []
     for name, x in (("mu", mu), ("ms", ms)):
@@ -408,7 +409,7 @@ def check_moments(mu: object, ms: object) -> tuple[np.ndarray, np.ndarray]:
                 f"{name} must be 2-D (cells x genes), got shape {arr.shape}; reshape a single gene with x[:, None]"
             )
         _check_numeric_dtype(arr.dtype, name)
-        out.append(np.array(arr, dtype=np.float64))
+        out.append(np.asarray(arr, dtype=np.float64))
     mu_arr, ms_arr = out
     if mu_arr.shape != ms_arr.shape:
         raise VelofitInputError(

@@ -235,7 +235,8 @@ def fit_columns(
     ----------
     read
         ``read(cols) -> (mu, ms)``: the ``(n_cells, len(cols))`` float64 moments of the genes
-        at sorted positions ``cols``, finite and non-negative (new arrays).
+        at sorted positions ``cols``, finite and non-negative (only read: views of the caller's
+        arrays will do).
     n_cells, n_genes
         Data shape.
     config
