@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from velofit.core.exact_time import (
     exact_times,
+    grid_search_phase,
     local_times,
     refine_newton,
 )
@@ -287,6 +288,48 @@ def test_local_times_never_worse_than_the_start_and_keep_the_phase():
     cu, cs = _traj(jnp.asarray(clipped), params)
     d0 = (np.asarray(u - cu) / np.asarray(std_u)) ** 2 + (np.asarray(s - cs) / np.asarray(std_s)) ** 2
     assert np.all(dist <= d0 * (1 + 1e-12) + 1e-300)
+
+
+@pytest.mark.parametrize("n_grid", [2, 5, 8, 13, 32, 100])
+def test_grid_search_finds_the_nearest_grid_point(n_grid):
+    """The packed integer minimum (grid index in the distance's lowest mantissa bits, groups of
+    points padded to a whole group) picks the nearest grid point of a brute-force search, up
+    to float32 ties, for grid sizes on and off the group size."""
+    rng = np.random.default_rng(n_grid)
+    n_cells, n_genes = 300, 7
+    beta, gamma = rng.uniform(0.3, 3.0, n_genes), rng.uniform(0.1, 2.0, n_genes)
+    alpha, length = rng.uniform(0.5, 5.0, n_genes), rng.uniform(1.0, 8.0, n_genes)
+    u0, s0 = rng.uniform(0.0, 1.0, n_genes), rng.uniform(0.0, 1.0, n_genes)
+    u, s = rng.uniform(0.0, 3.0, (n_cells, n_genes)), rng.uniform(0.0, 5.0, (n_cells, n_genes))
+    std_u, std_s = u.std(axis=0), s.std(axis=0)
+    search = jax.jit(grid_search_phase, static_argnames=("n_grid",))
+    tau, dist = (np.asarray(x) for x in search(*(jnp.asarray(a) for a in (u, s, u0, s0, alpha, beta, gamma, length,
+                                                                           std_u, std_s)), n_grid=n_grid))
+    grid = length * np.linspace(0.0, 1.0, n_grid)[:, None]  # (n_grid, n_genes)
+    gu, gs = (np.asarray(x) for x in phase_state(jnp.asarray(grid), u0, s0, alpha, beta, gamma))
+    d = ((u[None] - gu[:, None]) / std_u) ** 2 + ((s[None] - gs[:, None]) / std_s) ** 2  # (n_grid, cells, genes)
+    best = d.min(axis=0)
+    k = np.rint(tau / (length / (n_grid - 1))).astype(int)
+    assert np.allclose(tau, k * length / (n_grid - 1), rtol=1e-12, atol=0)
+    chosen = np.take_along_axis(d, k[None], axis=0)[0]
+    # Ties within the search's precision: the index bits the packing takes from the float32
+    # mantissa (relative), and float32 differences of abundances (absolute, as in
+    # test_exact_times_distance_not_worse_than_best_grid_point).
+    precision = best * 2.0 ** ((n_grid - 1).bit_length() - 22) + 1e-5 * np.sqrt(best) + 1e-9
+    assert np.all(chosen <= best + precision)
+    # Where no other point is that near, the nearest one is chosen.
+    second = np.partition(d, 1, axis=0)[1]
+    clear = second - best > precision
+    assert clear.mean() > 0.5
+    assert np.all(chosen[clear] == best[clear])
+    assert np.allclose(dist, chosen, rtol=1e-4, atol=1e-6)
+
+
+def test_grid_search_rejects_a_grid_its_packing_cannot_index():
+    x = jnp.ones((3, 2))
+    one = jnp.ones(2)
+    with pytest.raises(ValueError, match="n_grid must be at most 4096"):
+        grid_search_phase(x, x, one, one, one, one, one, one, one, one, n_grid=4097)
 
 
 def test_exact_times_distance_not_worse_than_best_grid_point():

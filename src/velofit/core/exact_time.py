@@ -3,10 +3,11 @@
 For every cell and gene, ``tau = argmin (u - u(tau))^2 / std_u^2 + (s - s(tau))^2 / std_s^2``
 is found separately in each phase and the better phase is kept. The grid search runs as a
 ``lax.scan`` over groups of grid points, each group's distances fused into its minimum, so
-that memory stays at a few ``(n_cells, n_genes)`` arrays (never cells x grid x genes). The refinement uses the ODE itself for the derivatives of the
-curve (``u' = alpha_k - beta u``, ``s' = beta u - gamma s``), takes Newton steps inside a trust
-region of one grid spacing and keeps a step only if it lowers the distance, so the refined
-time is never worse than the best grid point. scVelo stops at the grid.
+that memory stays at a few ``(n_cells, n_genes)`` arrays (never cells x grid x genes). The
+refinement uses the ODE itself for the derivatives of the curve (``u' = alpha_k - beta u``,
+``s' = beta u - gamma s``), takes Newton steps inside a trust region of one grid spacing and
+keeps a step only if it lowers the distance, so the refined time is never worse than the best
+grid point. scVelo stops at the grid.
 """
 
 from __future__ import annotations
