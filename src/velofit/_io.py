@@ -2,9 +2,9 @@
 
 :func:`velofit.tl.recover_dynamics` fits genes in chunks; :class:`LayerColumns` gives it
 the moments of one chunk of genes as a validated float64 array, so that velofit never
-holds a full float64 copy of ``Ms``/``Mu`` (consecutive float64 columns in memory are
-read as views, and copied by the fit only where it needs another layout). Supported storage (all give the same values,
-so the fit is bitwise the same):
+holds a full float64 copy of ``Ms``/``Mu`` (consecutive float64 columns in memory are read
+as views, copied by the fit only where it needs another layout). Supported storage (all
+give the same values, so the fit is bitwise the same):
 
 - NumPy arrays and SciPy sparse matrices in memory (also what ``anndata.read_h5ad(path,
   backed="r")`` gives: anndata 0.12 keeps only ``X`` on disk and loads the layers);
@@ -77,12 +77,31 @@ class LayerColumns:
         return values
 
 
+def column_index(cols: np.ndarray) -> slice | np.ndarray:
+    """``cols`` as a slice when they are consecutive (the fit's chunks are), else as they are.
+
+    Columns of an in-memory array read through a slice are a view; through an index array
+    NumPy gathers them into a copy, element by element (measured: 1.2 s of a 14 s fit at
+    50,000 x 1,000). The fit only reads its input, and copies it where it needs a layout.
+
+    Parameters
+    ----------
+    cols
+        Sorted, distinct column positions.
+
+    Returns
+    -------
+    A ``slice`` or ``cols``.
+    """
+    if cols.size and cols[-1] - cols[0] == cols.size - 1:
+        return slice(int(cols[0]), int(cols[-1]) + 1)
+    return cols
+
+
 def _read_columns(matrix: object, idx: np.ndarray) -> np.ndarray:
     """Dense ``matrix[:, idx]`` for every supported storage (``idx`` sorted)."""
     if isinstance(matrix, np.ndarray):
-        # A slice is a view; an index array gathers a copy element by element.
-        consecutive = idx.size and idx[-1] - idx[0] == idx.size - 1
-        return matrix[:, int(idx[0]) : int(idx[-1]) + 1] if consecutive else matrix[:, idx]
+        return matrix[:, column_index(idx)]
     if sp.issparse(matrix):
         return matrix[:, idx].toarray()
     if _is_dask(matrix):

@@ -153,6 +153,7 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
 
 
 def _squared_residuals(theta, t, data: GeneData):
+    """``ru^2 + rs^2`` of :func:`~velofit.core.mstep.residuals`, per cell and gene."""
     ru, rs = residuals(theta, t, data)
     return ru * ru + rs * rs
 
