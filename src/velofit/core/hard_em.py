@@ -1,9 +1,10 @@
 """Two-stage hard EM of MODEL.md section 4, for a chunk of genes at once, as pure functions.
 
 The algorithm has optax's shape: :func:`init` builds an :class:`EMState`, :func:`step` maps
-a state to the next one, and :func:`run` iterates the schedule (``n_explicit`` iterations
-with the explicit E-step, then exact ones) inside ``lax.while_loop``, recording every gene's
-loss per iteration. All arrays carry a gene axis; nothing loops over genes in Python.
+a state to the next one, and :func:`advance` iterates the schedule (``n_explicit``
+iterations with the explicit E-step, then exact ones) inside ``lax.while_loop``, a few
+iterations per call, recording every gene's loss per iteration; :func:`fit_step` is the one
+compiled program of the per-gene fit. All arrays carry a gene axis; nothing loops over genes in Python.
 
 Monotonicity: the M-step keeps only improving steps, and the E-step keeps, per cell, the
 better of the proposed time and the previous one. So every gene's loss is non-increasing in
@@ -44,7 +45,9 @@ class EMConfig(NamedTuple):
         :func:`~velofit.core.mstep.levenberg_marquardt`).
     n_jacobian_cells
         Most cells the EM iterates on (a seeded random subset is drawn by
-        :func:`velofit.core.fit.fit_genes`; see :func:`run`); every cell is then timed exactly.
+        :func:`velofit.core.fit.fit_genes`: five rates per gene are determined long before
+        thousands of cells are used, while every iteration's cost grows with the cells;
+        scVelo iterates on all cells); every cell is then timed exactly (:func:`assign_times`).
     tol
         A gene converges when an iteration lowers its loss by less than ``tol`` (relative).
     n_grid, n_newton
@@ -54,7 +57,7 @@ class EMConfig(NamedTuple):
         iterations and then every ``full_every``-th; in between, each cell's time is refined
         from its previous one by Newton steps within its phase
         (:func:`~velofit.core.exact_time.local_times`), several times cheaper. ``1`` searches
-        every time. Every fit ends with a full search (:func:`run`).
+        every time. Every fit ends with a full search (:func:`assign_times`).
     """
 
     max_iter: int = 20
@@ -335,34 +338,6 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, fina
     return carry, done
 
 
-def run(data: GeneData, theta0, config: EMConfig):
-    """Run the two-stage schedule on every row of ``data`` to convergence or ``config.max_iter``.
-
-    On large data the rows are a seeded random subset of at most ``config.n_jacobian_cells``
-    cells (drawn by :func:`velofit.core.fit.fit_genes`): five rates per gene are determined
-    long before thousands of cells are used, while the cost of every iteration grows with
-    the cells. Every cell is then timed under the fitted parameters by :func:`assign_times`,
-    in blocks of cells of one compiled shape. scVelo iterates on all cells.
-
-    Parameters
-    ----------
-    data
-        Observed data of the iterated cells (``data.sample`` as for the M-step).
-    theta0
-        ``(5, n_genes)`` initial log-parameters.
-    config
-        EM settings (static).
-
-    Returns
-    -------
-    ``(state, trace)``: the final :class:`EMState` (its ``converged`` refers to the last
-    stage) and the ``(max_iter + 1, n_genes)`` loss per iteration (``nan`` after a gene's
-    last iteration).
-    """
-    carry, _ = advance(start(data, theta0, config), data, config, config.max_iter + 1)
-    return carry.state, carry.trace
-
-
 def assign_times(theta, t_prev, data: GeneData, config: EMConfig):
     """Final exact time assignment (full grid search and Newton) of a block of cells.
 
@@ -448,5 +423,4 @@ def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMCon
     return advance(carry, data, config, n_steps, final)
 
 
-run_jit = jax.jit(run, static_argnames=("config",))
 fit_step_jit = jax.jit(fit_step, static_argnames=("config", "n_steps"))
