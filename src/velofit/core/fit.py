@@ -540,15 +540,16 @@ def finish_chunk(
     with jax.enable_x64(True), jax.default_device(target):
         std_u, std_s = (jnp.asarray(a[pad], dtype=jnp.float64) for a in (std_u, std_s))
         theta_pad = jnp.asarray(np.concatenate([theta, theta[:, fill]], axis=1), dtype=jnp.float64)
-        t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), pad, std_u, std_s,
+        t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
                                 config, target, threads)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
 
     finite = np.all(np.isfinite(theta), axis=0) & np.all(np.isfinite(t), axis=0) & np.isfinite(loss)
     chunk.status[ok[finite]] = STATUS_OK
     chunk.status[ok[~finite]] = STATUS_NONFINITE
-    fitted_cells = chunk.weights[:, ok[finite]]
-    t = t[:, finite]
+    if not finite.all():
+        t = t[:, finite]
+    fitted_cells = chunk.weights[:, column_index(ok[finite])]
     span = np.max(np.where(fitted_cells, t, -np.inf), axis=0, initial=0.0) if t.size else np.zeros(0)
     chunk.ok, chunk.theta, chunk.loss, chunk.t = ok[finite], theta[:, finite], loss[finite], t
     chunk.trace, chunk.converged, chunk.n_iter, chunk.span = (
@@ -594,15 +595,16 @@ def fit_chunk(
                         device=device, threads=threads)
 
 
-def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, device: jax.Device,
+def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig, device: jax.Device,
                   threads: int = 1):
     """Time every cell under the fitted parameters, block by block of one compiled shape.
 
     ``previous`` is ``(t_sample, sample)``: the ``(n_sample, width)`` times of the iterated
     cells (sorted rows ``sample``) at the EM's end, which those cells keep unless the search
     finds nearer points; every other cell has none (``nan``). ``arrays`` are the chunk's
-    ``(mu, ms, weights)``, read at columns ``pad`` one block at a time. The last block is
-    padded by repeating its first row with weight 0. Returns the ``(n_cells, width)`` times
+    ``(mu, ms, weights)``, read at columns ``cols`` one block at a time and padded to the
+    width by repeating the first column (:func:`_rows_block`). The last block is padded by
+    repeating its first row with weight 0. Returns the ``(n_cells, width)`` times
     and the ``(width,)`` loss over all cells (block sums added in block order, so it does
     not depend on the chunk width or on ``threads``).
 
@@ -643,7 +645,7 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
     with ThreadPoolExecutor(threads, thread_name_prefix="velofit-times") if threads > 1 else nullcontext() as pool:
         for start in range(0, n_cells, block):
             n = min(block, n_cells - start)
-            mu, ms, w = (_rows_block(a, start, n, block, pad) for a in arrays)
+            mu, ms, w = (_rows_block(a, start, n, block, cols, width) for a in arrays)
             t_block = np.full((block, width), np.nan)
             lo, hi = np.searchsorted(sample, [start, start + n])
             t_block[sample[lo:hi] - start] = t_sample[lo:hi]
@@ -661,15 +663,19 @@ def _assign_times(theta, previous, arrays, pad, std_u, std_s, config: EMConfig, 
     return t, loss
 
 
-def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray) -> np.ndarray:
+def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray, width: int) -> np.ndarray:
     """Rows ``start:start + n`` of ``a`` at columns ``cols`` as a C-ordered float64
-    ``(block, len(cols))`` array, padded by repeating its first row."""
-    rows = a[start : start + n][:, cols]
-    if n == block:
-        return np.ascontiguousarray(rows, dtype=np.float64)
-    out = np.empty((block, rows.shape[1]))
-    out[:n] = rows
-    out[n:] = rows[0]
+    ``(block, width)`` array, padded by repeating its first column and its first row.
+
+    Consecutive columns (the usual case) are read through a slice: NumPy gathers an index
+    array element by element into a Fortran-ordered copy (measured: 0.88 ms against 0.08 ms
+    per block of 1,024 x 64 float64, 0.9 s of a 10 s fit at 50,000 x 1,000).
+    """
+    out = np.empty((block, width))
+    k = cols.size
+    out[:n, :k] = a[start : start + n, column_index(cols)]
+    out[:n, k:] = out[:n, :1]
+    out[n:] = out[0]
     return out
 
 
@@ -677,12 +683,14 @@ def _store(out: GeneFit, cols: np.ndarray, chunk: ChunkFit) -> None:
     """Copy one chunk's results into the whole fit."""
     out.std_u[cols], out.std_s[cols] = chunk.std_u, chunk.std_s
     out.n_cells[cols] = chunk.n_cells
-    out.weights[:, cols] = chunk.weights
+    # Slices where the columns are consecutive (usually): NumPy scatters through an index
+    # array element by element.
+    out.weights[:, column_index(cols)] = chunk.weights
     out.status[cols] = chunk.status
     target = cols[chunk.ok]
     out.alpha[target], out.beta[target], out.gamma[target], out.t_[target], out.scaling[target] = chunk.theta
     out.loss[target] = chunk.loss
-    out.t[:, target] = chunk.t
+    out.t[:, column_index(target)] = chunk.t
     unfitted = cols[np.setdiff1d(np.arange(cols.size), chunk.ok)]
     if unfitted.size:
         out.t[:, unfitted] = np.nan

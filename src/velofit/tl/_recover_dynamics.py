@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .._heap import release_free_memory
-from .._io import layer_readers
+from .._io import column_index, layer_readers
 from .._validation import (
     VelofitInputError,
     check_adata,
@@ -322,15 +323,25 @@ def write_time_layers(
             del adata.layers[key]
     whole = genes.size == adata.n_vars and np.array_equal(genes, np.arange(adata.n_vars))
     usable = reuse is not None and reuse.shape == adata.shape and reuse.dtype == LAYER_DTYPE
-    fit_t = reuse if whole and usable and reuse.flags.c_contiguous else np.full(adata.shape, np.nan, LAYER_DTYPE)
-    tau, tau_ = (np.full(adata.shape, np.nan, LAYER_DTYPE) for _ in range(2))
+    # Where every column is written, nothing needs filling first (filling 3 x 200 MB with
+    # nan took ~0.5 s at 50,000 x 1,000).
+    new = np.empty if whole else partial(np.full, fill_value=np.nan)
+    fit_t = reuse if whole and usable and reuse.flags.c_contiguous else new(adata.shape, dtype=LAYER_DTYPE)
+    tau, tau_ = (new(adata.shape, dtype=LAYER_DTYPE) for _ in range(2))
     block = max(1, (64 * 1024**2) // (8 * max(adata.n_obs, 1)))
     for start in range(0, genes.size, block):
         sel = slice(start, start + block)
         t = np.asarray(times(sel), dtype=np.float64)
-        fit_t[:, genes[sel]] = t
-        tau[:, genes[sel]] = np.minimum(t, switch[None, sel])
-        tau_[:, genes[sel]] = np.maximum(t - switch[None, sel], 0.0)
+        s = switch[None, sel]
+        cols = column_index(genes[sel])
+        if isinstance(cols, slice):  # usually: written in place and rounded once
+            fit_t[:, cols] = t
+            np.minimum(t, s, out=tau[:, cols], casting="same_kind")
+            np.maximum(t - s, 0.0, out=tau_[:, cols], casting="same_kind")
+        else:
+            fit_t[:, cols] = t
+            tau[:, cols] = np.minimum(t, s)
+            tau_[:, cols] = np.maximum(t - s, 0.0)
     adata.layers["fit_t"], adata.layers["fit_tau"], adata.layers["fit_tau_"] = fit_t, tau, tau_
 
 
