@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from velofit import tl
+from velofit.core import initialize
 from velofit.core.fit import STATUS_OK
 from velofit.core.initialize import masked_quantile
 from velofit.core.kinetics import KineticParams, phase_state, trajectory, velocities
@@ -142,6 +143,43 @@ def test_masked_quantile_matches_numpy_on_any_mask(n_cells, n_genes, q, tied, ke
     mask = rng.random((n_cells, n_genes)) < keep
     expected = [np.percentile(x[mask[:, j], j], q) if mask[:, j].any() else np.nan for j in range(n_genes)]
     np.testing.assert_allclose(masked_quantile(x, mask, q), expected, rtol=1e-13, atol=1e-13)
+
+
+def _percentiles(x, mask, q):
+    return np.array([np.percentile(x[mask[:, j], j], q) if mask[:, j].any() else np.nan for j in range(x.shape[1])])
+
+
+@pytest.mark.parametrize("layout", ["F", "C"])
+def test_masked_quantile_of_long_columns_is_numpys(layout):
+    """Long columns (ordered through a subsample's threshold): every kind of column a fit meets."""
+    rng = np.random.default_rng(3)
+    n = 3 * initialize.PREFILTER_ROWS
+    x = rng.lognormal(0.0, 2.0, (n, 12))
+    x[:, 1] = np.round(x[:, 1])  # many ties
+    x[:, 2] = 7.0  # all tied: the threshold keeps every value, ordered in full
+    x[: n // 2, 3] = x[:, 3].max() + 1.0  # the top half tied: over an eighth of the rows kept
+    x[:, 4] = np.sort(x[:, 4])  # the largest values in the last rows only
+    mask = rng.random(x.shape) < 0.9
+    mask[:, 5] = rng.random(n) < 0.002  # sparse: the subsample has too few values
+    mask[:, 6] = False  # empty
+    mask[:, 7] = np.arange(n) % 16 != 0  # the subsample sees none of the selected values
+    mask[:, 8] = np.arange(n) % 16 == 0  # ... or only them
+    x = np.asarray(x, order=layout)
+    mask = np.asarray(mask, order=layout)
+    for q in (0.0, 2.0, 25.0, 50.0, 90.0, 98.0, 99.0, 100.0):
+        np.testing.assert_allclose(masked_quantile(x, mask, q), _percentiles(x, mask, q), rtol=1e-13, atol=0)
+
+
+def test_masked_quantile_is_the_same_with_and_without_a_subsample(monkeypatch):
+    rng = np.random.default_rng(4)
+    n = 2 * initialize.PREFILTER_ROWS
+    x = np.asfortranarray(np.round(rng.exponential(3.0, (n, 30)), 1))
+    mask = np.asfortranarray(rng.random(x.shape) < np.linspace(0.01, 1.0, 30))
+    quick = [masked_quantile(x, mask, q) for q in (1.0, 98.0, 99.0)]
+    monkeypatch.setattr(initialize, "PREFILTER_ROWS", n + 1)
+    full = [masked_quantile(x, mask, q) for q in (1.0, 98.0, 99.0)]
+    for a, b in zip(quick, full, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_beta_equal_gamma_data_fits_finitely():

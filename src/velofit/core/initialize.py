@@ -46,6 +46,10 @@ class GeneStatistics(NamedTuple):
 def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
     """Per-column quantile of ``x`` over the rows where ``mask`` is true (linear interpolation).
 
+    Exactly ``np.percentile`` of each column's selected values (its default, linear method),
+    without sorting whole columns: only the values on the near side of the quantile are
+    ordered (:func:`_largest_sorted`).
+
     Parameters
     ----------
     x
@@ -65,12 +69,11 @@ def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
     hi = np.minimum(lo + 1, np.maximum(count - 1, 0))
     cols = np.arange(x.shape[1])
     if q >= 50.0:
-        # Rank from the top: only the few largest values of a column need ordering, so a
-        # partition (linear time) and a sort of those replace a sort of every column.
-        ordered = _smallest_sorted(_masked(x, mask, negate=True), np.max(count - 1 - lo, initial=0) + 1)
-        low, high = -ordered[count - 1 - lo, cols], -ordered[np.maximum(count - 1 - hi, 0), cols]
+        # Rank from the top: the (count - 1 - lo)-th largest value and the one above it.
+        ordered = _largest_sorted(x, mask, count - lo)
+        low, high = ordered[count - 1 - lo, cols], ordered[np.maximum(count - 1 - hi, 0), cols]
     else:
-        ordered = _smallest_sorted(_masked(x, mask, negate=False), np.max(hi, initial=0) + 1)
+        ordered = -_largest_sorted(-x, mask, hi + 1)
         low, high = ordered[lo, cols], ordered[hi, cols]
     with np.errstate(invalid="ignore"):
         # low + (high - low) * frac is exactly low when the two are tied (counts often are).
@@ -78,24 +81,67 @@ def masked_quantile(x: np.ndarray, mask: np.ndarray, q: float) -> np.ndarray:
     return np.where(count > 0, value, np.nan)
 
 
-def _masked(x: np.ndarray, mask: np.ndarray, *, negate: bool) -> np.ndarray:
-    """``np.where(mask, -x if negate else x, np.inf)`` in one new array (no temporary)."""
-    if not negate:
-        return np.where(mask, x, np.inf)
-    out = np.where(mask, x, -np.inf)
-    return np.negative(out, out=out)
+#: Columns at least this long are searched through a subsample first (:func:`_largest_sorted`).
+PREFILTER_ROWS = 4096
+#: Every this many rows form the subsample.
+_PREFILTER_STEP = 16
 
 
-def _smallest_sorted(x: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` smallest values of every column of ``x``, sorted: ``np.sort(x, axis=0)[:k]``.
+def _largest_sorted(x: np.ndarray, mask: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The ``k[j]`` largest selected values of every column ``j``, in decreasing order.
 
-    ``x`` is a temporary of the caller's and is partitioned in place (no second full copy).
+    Returns an array of at least ``max(k)`` rows whose column ``j`` starts with the
+    ``k[j]`` largest of ``x[mask[:, j], j]`` (``k[j]`` no more than their number).
+
+    On long columns, a threshold a little below each column's ``k``-th largest value is read
+    from a subsample of the rows, and only the values from it up are ordered; a column
+    whose threshold leaves fewer than ``k`` values, or more than an eighth of the rows
+    (heavy ties), is ordered in full.
+    The values are those of a full ordering either way. (A partition of whole columns was
+    half of the first pass of a fit: 120 of 250 ms per chunk of 50,000 cells x 64 genes.)
     """
-    k = min(max(k, 1), x.shape[0])
-    if k < x.shape[0]:
-        x.partition(k - 1, axis=0)
-        x = x[:k]
-    return np.sort(x, axis=0)
+    n = x.shape[0]
+    k_max = int(np.max(k, initial=1))
+    if n < PREFILTER_ROWS or k_max > n // 8:
+        return _largest_sorted_full(x, mask, k_max)
+    # In the subsample each column's k-th largest lies near rank k / step: a margin of
+    # half again and 8 ranks gives a threshold that keeps at least k values in almost
+    # every column, and not many more (-inf, keeping every selected value, where the
+    # subsample has fewer).
+    margin = np.ceil(1.5 * k / _PREFILTER_STEP).astype(np.int64) + 8
+    sub = _largest_sorted_full(x[::_PREFILTER_STEP], mask[::_PREFILTER_STEP], int(margin.max()) + 1)
+    threshold = sub[np.minimum(margin, sub.shape[0] - 1), np.arange(x.shape[1])]
+    kept = mask & (x >= threshold)
+    n_kept = kept.sum(axis=0)
+    fallback = np.flatnonzero((n_kept < k) | (n_kept > n // 8))
+    kept[:, fallback] = False
+    n_kept[fallback] = 0
+    depth = max(k_max, int(n_kept.max(initial=0)))
+    out = np.full((depth, x.shape[1]), -np.inf)
+    # Selected positions column by column (nonzero of the transpose), each column's values
+    # placed at its own rows of ``out``, then ordered.
+    col, row = np.nonzero(kept.T)
+    first = np.cumsum(n_kept) - n_kept
+    out[np.arange(col.size) - first[col], col] = x[row, col]
+    out.sort(axis=0)
+    out = out[::-1]
+    if fallback.size:
+        full = _largest_sorted_full(x[:, fallback], mask[:, fallback], k_max)
+        out[: full.shape[0], fallback] = full
+        out[full.shape[0] :, fallback] = -np.inf
+    return out
+
+
+def _largest_sorted_full(x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` largest selected values of every column, decreasing (unselected: ``-inf``)."""
+    z = np.where(mask, x, -np.inf)
+    np.negative(z, out=z)  # the k smallest of -x, by a partition (linear time) and a short sort
+    k = min(max(k, 1), z.shape[0])
+    if k < z.shape[0]:
+        z.partition(k - 1, axis=0)
+        z = z[:k]
+    z = np.sort(z, axis=0)
+    return np.negative(z, out=z)
 
 
 def fitting_cells(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray) -> np.ndarray:

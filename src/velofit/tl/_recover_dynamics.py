@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from functools import partial
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
