@@ -601,9 +601,12 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
 
     ``previous`` is ``(t_sample, sample)``: the ``(n_sample, width)`` times of the iterated
     cells (sorted rows ``sample``) at the EM's end, which those cells keep unless the search
-    finds nearer points; every other cell has none (``nan``). ``arrays`` are the chunk's
-    ``(mu, ms, weights)``, read at columns ``cols`` one block at a time and padded to the
-    width by repeating the first column (:func:`_rows_block`). The last block is padded by
+    finds nearer points; every other cell has none (``nan``). The iterated cells are timed
+    first, in blocks of their own, then the other cells in order: a block without previous
+    times skips the comparison with them (:func:`velofit.core.hard_em.e_step`; 3.6-3.7
+    against 4.0-4.3 ms per block of 1,024 x 64). ``arrays`` are the chunk's ``(mu, ms,
+    weights)``, read at columns ``cols`` one block at a time and padded to the width by
+    repeating the first column (:func:`_rows_block`). The last block is padded by
     repeating its first row with weight 0. Returns the ``(n_cells, width)`` times
     and the ``(width,)`` loss over all cells (block sums added in block order, so it does
     not depend on the chunk width or on ``threads``).
@@ -630,10 +633,9 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
     begin, final = jnp.asarray(False), jnp.asarray(True)
 
     def collect() -> None:
-        start, result = pending.popleft()
+        rows_done, n, result = pending.popleft()
         out, _ = result.result() if isinstance(result, Future) else result
-        n = min(block, n_cells - start)
-        t[start : start + n] = np.asarray(out.state.t)[:n]
+        t[rows_done] = np.asarray(out.state.t)[:n]
         loss[:] += np.asarray(out.state.loss)
 
     def launch(t_block, data):
@@ -643,19 +645,22 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
         return jax.block_until_ready(launch(t_block, data))
 
     with ThreadPoolExecutor(threads, thread_name_prefix="velofit-times") if threads > 1 else nullcontext() as pool:
+        order = _timing_order(n_cells, sample)
         for start in range(0, n_cells, block):
             n = min(block, n_cells - start)
-            mu, ms, w = (_rows_block(a, start, n, block, cols, width) for a in arrays)
+            rows_block = column_index(order[start : start + n])  # a slice where consecutive
+            mu, ms, w = (_rows_block(a, rows_block, block, cols, width) for a in arrays)
             t_block = np.full((block, width), np.nan)
-            lo, hi = np.searchsorted(sample, [start, start + n])
-            t_block[sample[lo:hi] - start] = t_sample[lo:hi]
+            n_previous = min(n, max(sample.size - start, 0))  # order starts with the sample
+            t_block[:n_previous] = t_sample[start : start + n_previous]
             t_block[n:] = t_block[0]
             w[n:] = 0.0
-            data = GeneData(jnp.asarray(mu), jnp.asarray(ms), jnp.asarray(w), std_u, std_s, rows)
-            t_block = jnp.asarray(t_block)
+            # (device_put costs half of jnp.asarray's dispatch per array: 37 against 83 us.)
+            mu, ms, w, t_block = jax.device_put((mu, ms, w, t_block), device)
+            data = GeneData(mu, ms, w, std_u, std_s, rows)
             # Without threads, dispatch is asynchronous: the next block is gathered while
             # this one computes.
-            pending.append((start, pool.submit(run, t_block, data) if pool else launch(t_block, data)))
+            pending.append((rows_block, n, pool.submit(run, t_block, data) if pool else launch(t_block, data)))
             if len(pending) > in_flight:
                 collect()
         while pending:
@@ -663,9 +668,18 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
     return t, loss
 
 
-def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray, width: int) -> np.ndarray:
-    """Rows ``start:start + n`` of ``a`` at columns ``cols`` as a C-ordered float64
-    ``(block, width)`` array, padded by repeating its first column and its first row.
+def _timing_order(n_cells: int, sample: np.ndarray) -> np.ndarray:
+    """The order in which :func:`_assign_times` times the cells: ``sample``, then the rest."""
+    if sample.size == n_cells:
+        return np.arange(n_cells)
+    rest = np.ones(n_cells, bool)
+    rest[sample] = False
+    return np.concatenate([sample, np.flatnonzero(rest)])
+
+
+def _rows_block(a: np.ndarray, rows: slice | np.ndarray, block: int, cols: np.ndarray, width: int) -> np.ndarray:
+    """Rows ``rows`` of ``a`` at columns ``cols`` as a C-ordered float64 ``(block, width)``
+    array, padded by repeating its first column and its first row.
 
     Consecutive columns (the usual case) are read through a slice: NumPy gathers an index
     array element by element into a Fortran-ordered copy (measured: 0.88 ms against 0.08 ms
@@ -673,7 +687,9 @@ def _rows_block(a: np.ndarray, start: int, n: int, block: int, cols: np.ndarray,
     """
     out = np.empty((block, width))
     k = cols.size
-    out[:n, :k] = a[start : start + n, column_index(cols)]
+    values = a[rows][:, column_index(cols)]
+    n = values.shape[0]
+    out[:n, :k] = values
     out[:n, k:] = out[:n, :1]
     out[n:] = out[0]
     return out
