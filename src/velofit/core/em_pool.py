@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from .._io import column_index
 from .hard_em import EMCarry, EMConfig, EMState
 from .mstep import GeneData
 from .programs import fit_program
@@ -139,14 +140,11 @@ class EMPool:
         -------
         The positional arguments of :func:`em_round`.
         """
-        pad = np.concatenate([cols, np.full(width - cols.size, cols[0])])
         first = cols[0]
         schedule = np.array([self.it[first], self.exact[first], self.n_exact_done[first], self.started[first]])
-        return (
-            self.mu[:, pad], self.ms[:, pad], self.weights[:, pad], self.std_u[pad], self.std_s[pad],
-            self.theta[:, pad], self.t[:, pad], self.loss[pad], self.damping[pad], self.converged[pad],
-            self.n_iter[pad], self.trace[:, pad], schedule,
-        )
+        names = ("mu", "ms", "weights", "std_u", "std_s", "theta", "t", "loss", "damping", "converged", "n_iter",
+                 "trace")
+        return (*(_padded_columns(getattr(self, name), cols, width) for name in names), schedule)
 
     def store(self, cols: np.ndarray, result: dict[str, Any]) -> None:
         """Write one chunk's :func:`em_round` result back (its first ``len(cols)`` genes).
@@ -160,11 +158,20 @@ class EMPool:
         """
         k = cols.size
         for name in ("theta", "t", "trace"):
-            getattr(self, name)[:, cols] = result[name][:, :k]
+            getattr(self, name)[:, column_index(cols)] = result[name][:, :k]
         for name in ("loss", "damping", "converged", "n_iter", "done"):
             getattr(self, name)[cols] = result[name][:k]
         self.it[cols], self.exact[cols], self.n_exact_done[cols] = result["schedule"]
         self.started[cols] = True
+
+
+def _padded_columns(a: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
+    """``a[..., cols]`` padded to ``width`` columns by repeating the first, read through a
+    slice where ``cols`` are consecutive (NumPy gathers an index array element by element)."""
+    out = np.empty((*a.shape[:-1], width), a.dtype)
+    out[..., : cols.size] = a[..., column_index(cols)]
+    out[..., cols.size :] = out[..., :1]
+    return out
 
 
 def em_round(mu, ms, weights, std_u, std_s, theta, t, loss, damping, converged, n_iter, trace, schedule, *,
@@ -196,16 +203,17 @@ def em_round(mu, ms, weights, std_u, std_s, theta, t, loss, damping, converged, 
         device = resolve_device(device)
     n_sample, width = mu.shape
     it, exact, n_exact_done, started = (int(x) for x in schedule)
+    f64 = partial(np.asarray, dtype=np.float64)
+    # Before the start the carry's arrays are placeholders of the right shapes.
+    state = EMState(f64(theta), f64(t), f64(loss), f64(damping), np.asarray(converged, bool),
+                    np.asarray(n_iter, np.int32))
+    carry = EMCarry(np.int32(it), np.bool_(exact), np.int32(n_exact_done), state, f64(trace))
+    data = GeneData(f64(mu), f64(ms), f64(weights), f64(std_u), f64(std_s), np.arange(n_sample, dtype=np.int64))
     with jax.enable_x64(True), jax.default_device(device):
-        data = GeneData(*(jnp.asarray(a, dtype=jnp.float64) for a in (mu, ms, weights, std_u, std_s)),
-                        jnp.arange(n_sample))
-        # Before the start the carry's arrays are placeholders of the right shapes.
-        theta = jnp.asarray(theta, dtype=jnp.float64)
-        state = EMState(theta, *(jnp.asarray(a) for a in (t, loss, damping, converged)),
-                        jnp.asarray(n_iter, dtype=jnp.int32))
-        carry = EMCarry(jnp.int32(it), jnp.asarray(bool(exact)), jnp.int32(n_exact_done), state, jnp.asarray(trace))
+        # One device_put of host arrays: jnp.asarray would compile a small program per shape.
+        carry, data, begin, final = jax.device_put((carry, data, np.bool_(not started), np.bool_(False)), device)
         program = fit_program(n_sample, width, config, device)
-        carry, done = program(carry, data, theta, jnp.asarray(not started), jnp.asarray(False))
+        carry, done = program(carry, data, carry.state.theta, begin, final)
         st = carry.state
         return {
             "theta": np.asarray(st.theta), "t": np.asarray(st.t), "loss": np.asarray(st.loss),
@@ -232,8 +240,6 @@ def run_pool(pool: EMPool, width: int, config: EMConfig, device: str,
     map_chunks
         ``map_chunks(task, chunks, read, store)`` (see :func:`velofit.core.backends.map_chunks`).
     """
-    from functools import partial
-
     task = partial(em_round, config=config, device=device)
     while chunks := pool.rounds(width):
         map_chunks(task, chunks, lambda cols: pool.read(cols, width), pool.store)

@@ -38,7 +38,6 @@ from functools import partial
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .._io import column_index
@@ -538,8 +537,11 @@ def finish_chunk(
     target = resolve_device(device)
     t_sample = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
     with jax.enable_x64(True), jax.default_device(target):
-        std_u, std_s = (jnp.asarray(a[pad], dtype=jnp.float64) for a in (std_u, std_s))
-        theta_pad = jnp.asarray(np.concatenate([theta, theta[:, fill]], axis=1), dtype=jnp.float64)
+        # Host arrays sent with device_put: jnp.asarray compiles a small program per shape.
+        theta_pad = np.concatenate([theta, theta[:, fill]], axis=1)
+        std_u, std_s, theta_pad = jax.device_put(
+            tuple(np.asarray(a, np.float64) for a in (std_u[pad], std_s[pad], theta_pad)), target
+        )
         t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
                                 config, target, threads)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
@@ -628,9 +630,10 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
     in_flight = max(1, threads) + 1
     # The parts of the program's input that no block changes, made once: GeneData.sample
     # (read by the M-step only) and the carry but for its times.
-    rows = jnp.arange(block)
-    carry = timing_carry(theta, None, config.max_iter)
-    begin, final = jnp.asarray(False), jnp.asarray(True)
+    rows, carry, begin, final = jax.device_put(
+        (np.arange(block, dtype=np.int64), timing_carry(theta, None, config.max_iter), np.bool_(False),
+         np.bool_(True)), device
+    )
 
     def collect() -> None:
         rows_done, n, result = pending.popleft()

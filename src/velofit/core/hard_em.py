@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .exact_time import exact_times, local_times
 from .explicit_time import explicit_times
@@ -384,12 +385,13 @@ def timing_carry(theta, t_prev, max_iter: int) -> EMCarry:
 
     Returns
     -------
-    :class:`EMCarry`.
+    :class:`EMCarry`, its constants NumPy arrays (made without compiling anything; the
+    compiled program takes them as they are, or after one ``jax.device_put``).
     """
     width = theta.shape[1]
-    zeros = jnp.zeros(width, theta.dtype)
-    state = EMState(theta, t_prev, zeros, zeros, jnp.zeros(width, bool), jnp.zeros(width, jnp.int32))
-    return EMCarry(jnp.int32(0), jnp.asarray(True), jnp.int32(0), state, jnp.zeros((max_iter + 1, width), theta.dtype))
+    zeros = np.zeros(width, theta.dtype)
+    state = EMState(theta, t_prev, zeros, zeros, np.zeros(width, bool), np.zeros(width, np.int32))
+    return EMCarry(np.int32(0), np.bool_(True), np.int32(0), state, np.zeros((max_iter + 1, width), theta.dtype))
 
 
 def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMConfig, n_steps: int):
