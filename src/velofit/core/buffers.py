@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 
-def evaluate_once(fn: Callable[..., Any], *args: Any) -> Any:
+def evaluate_once(fn: Callable[..., Any], *args: Any, when: Any = None, otherwise: float = 0.0) -> Any:
     """``fn(*args)``, materialised so that XLA does not recompute it in every consumer.
 
     Parameters
@@ -35,6 +35,11 @@ def evaluate_once(fn: Callable[..., Any], *args: Any) -> Any:
         A function of arrays returning an array or a pytree of arrays.
     *args
         Its arguments.
+    when
+        Optional traced boolean: where false, ``fn`` is not evaluated and every value is
+        ``otherwise`` (the loop runs no trip).
+    otherwise
+        The values without an evaluation.
 
     Returns
     -------
@@ -43,6 +48,7 @@ def evaluate_once(fn: Callable[..., Any], *args: Any) -> Any:
     """
     shapes = jax.eval_shape(fn, *args)
     # The loop's flag, not a trip count, ends it: XLA removes loops it can count.
-    init = (jnp.asarray(False), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+    done = jnp.asarray(False) if when is None else ~jnp.asarray(when)
+    init = (done, jax.tree.map(lambda s: jnp.full(s.shape, otherwise, s.dtype), shapes))
     _, value = jax.lax.while_loop(lambda carry: ~carry[0], lambda _: (jnp.asarray(True), fn(*args)), init)
     return value

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .buffers import evaluate_once
 from .exact_time import exact_times, local_times
 from .explicit_time import explicit_times
 from .kinetics import KineticParams
@@ -146,14 +147,11 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     else:
         t, dist = jax.lax.cond(exact, exact_branch, explicit_branch)
     if t_prev is not None:
-        # Read by the choice of time and of distance: computed once, as a branch's result
-        # (velofit.core.buffers); not at all where no cell has a previous time (the blocks of
-        # the final assignment without iterated cells).
-        dist_prev = jax.lax.cond(
-            jnp.any(~jnp.isnan(t_prev)),
-            lambda: _squared_residuals(theta, t_prev, data),
-            lambda: jnp.full(t_prev.shape, jnp.nan, t_prev.dtype),
-        )
+        # Read by the choice of time and of distance: computed once (velofit.core.buffers);
+        # not at all where no cell has a previous time (the blocks of the final assignment
+        # without iterated cells).
+        dist_prev = evaluate_once(_squared_residuals, theta, t_prev, data, when=jnp.any(~jnp.isnan(t_prev)),
+                                  otherwise=jnp.nan)
         # A previous time wins only where it is strictly nearer (a NaN previous time never does).
         keep = (dist_prev < dist) | jnp.isnan(dist)
         t = jnp.where(keep, t_prev, t)
