@@ -98,6 +98,37 @@ def column_index(cols: np.ndarray) -> slice | np.ndarray:
     return cols
 
 
+def padded_columns(a: np.ndarray, cols: np.ndarray, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``a[..., cols]`` padded to ``width`` columns by repeating its first column (the fit's
+    chunks are padded to one compiled width so).
+
+    The columns are read through :func:`column_index`: a slice where they are consecutive
+    (NumPy gathers an index array element by element: 0.88 ms against 0.08 ms for 1,024 x 64
+    float64).
+
+    Parameters
+    ----------
+    a
+        Array whose last axis is read.
+    cols
+        Sorted, distinct positions on that axis, at most ``width`` of them.
+    width
+        Columns of the result.
+    out
+        Optional array of shape ``(*a.shape[:-1], width)`` to write into (converting the
+        values to its dtype).
+
+    Returns
+    -------
+    ``out``, or a new array of ``a``'s dtype.
+    """
+    if out is None:
+        out = np.empty((*a.shape[:-1], width), a.dtype)
+    out[..., : cols.size] = a[..., column_index(cols)]
+    out[..., cols.size :] = out[..., :1]
+    return out
+
+
 def _read_columns(matrix: object, idx: np.ndarray) -> np.ndarray:
     """Dense ``matrix[:, idx]`` for every supported storage (``idx`` sorted)."""
     if isinstance(matrix, np.ndarray):

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._io import column_index
+from .._io import column_index, padded_columns
 from .hard_em import EMCarry, EMConfig, EMState
 from .mstep import GeneData
 from .programs import fit_program
@@ -144,7 +144,7 @@ class EMPool:
         schedule = np.array([self.it[first], self.exact[first], self.n_exact_done[first], self.started[first]])
         names = ("mu", "ms", "weights", "std_u", "std_s", "theta", "t", "loss", "damping", "converged", "n_iter",
                  "trace")
-        return (*(_padded_columns(getattr(self, name), cols, width) for name in names), schedule)
+        return (*(padded_columns(getattr(self, name), cols, width) for name in names), schedule)
 
     def store(self, cols: np.ndarray, result: dict[str, Any]) -> None:
         """Write one chunk's :func:`em_round` result back (its first ``len(cols)`` genes).
@@ -163,15 +163,6 @@ class EMPool:
             getattr(self, name)[cols] = result[name][:k]
         self.it[cols], self.exact[cols], self.n_exact_done[cols] = result["schedule"]
         self.started[cols] = True
-
-
-def _padded_columns(a: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
-    """``a[..., cols]`` padded to ``width`` columns by repeating the first, read through a
-    slice where ``cols`` are consecutive (NumPy gathers an index array element by element)."""
-    out = np.empty((*a.shape[:-1], width), a.dtype)
-    out[..., : cols.size] = a[..., column_index(cols)]
-    out[..., cols.size :] = out[..., :1]
-    return out
 
 
 def em_round(mu, ms, weights, std_u, std_s, theta, t, loss, damping, converged, n_iter, trace, schedule, *,

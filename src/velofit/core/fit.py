@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._io import column_index
+from .._io import column_index, padded_columns
 from .._validation import check_fit_options, check_moments
 from .backends import LOCAL_CPU_WORKERS, check_backend, map_chunks, resolve_device
 from .em_pool import EMPool, run_pool
@@ -605,8 +605,8 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
     cells (sorted rows ``sample``) at the EM's end, which those cells keep unless the search
     finds nearer points; every other cell has none (``nan``). The iterated cells are timed
     first, in blocks of their own, then the other cells in order: a block without previous
-    times skips the comparison with them (:func:`velofit.core.hard_em.e_step`; 3.6-3.7
-    against 4.0-4.3 ms per block of 1,024 x 64). ``arrays`` are the chunk's ``(mu, ms,
+    times skips the comparison with them (:func:`velofit.core.hard_em.e_step`; 3.4-3.7
+    against 3.7-4.1 ms per block of 1,024 x 64). ``arrays`` are the chunk's ``(mu, ms,
     weights)``, read at columns ``cols`` one block at a time and padded to the width by
     repeating the first column (:func:`_rows_block`). The last block is padded by
     repeating its first row with weight 0. Returns the ``(n_cells, width)`` times
@@ -648,52 +648,45 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
         return jax.block_until_ready(launch(t_block, data))
 
     with ThreadPoolExecutor(threads, thread_name_prefix="velofit-times") if threads > 1 else nullcontext() as pool:
-        order = _timing_order(n_cells, sample)
-        for start in range(0, n_cells, block):
-            n = min(block, n_cells - start)
-            rows_block = column_index(order[start : start + n])  # a slice where consecutive
-            mu, ms, w = (_rows_block(a, rows_block, block, cols, width) for a in arrays)
-            t_block = np.full((block, width), np.nan)
-            n_previous = min(n, max(sample.size - start, 0))  # order starts with the sample
-            t_block[:n_previous] = t_sample[start : start + n_previous]
-            t_block[n:] = t_block[0]
-            w[n:] = 0.0
-            # (device_put costs half of jnp.asarray's dispatch per array: 37 against 83 us.)
-            mu, ms, w, t_block = jax.device_put((mu, ms, w, t_block), device)
-            data = GeneData(mu, ms, w, std_u, std_s, rows)
-            # Without threads, dispatch is asynchronous: the next block is gathered while
-            # this one computes.
-            pending.append((rows_block, n, pool.submit(run, t_block, data) if pool else launch(t_block, data)))
-            if len(pending) > in_flight:
-                collect()
+        for group, group_times in _timing_groups(n_cells, sample, t_sample):
+            for start in range(0, group.size, block):
+                rows_block = column_index(group[start : start + block])  # a slice where consecutive
+                mu, ms, w = (_rows_block(a, rows_block, block, cols, width) for a in arrays)
+                n = min(block, group.size - start)
+                t_block = np.full((block, width), np.nan)
+                if group_times is not None:
+                    t_block[:n] = group_times[start : start + n]
+                t_block[n:] = t_block[0]
+                w[n:] = 0.0
+                # (device_put costs half of jnp.asarray's dispatch per array: 37 against 83 us.)
+                mu, ms, w, t_block = jax.device_put((mu, ms, w, t_block), device)
+                data = GeneData(mu, ms, w, std_u, std_s, rows)
+                # Without threads, dispatch is asynchronous: the next block is gathered while
+                # this one computes.
+                pending.append((rows_block, n, pool.submit(run, t_block, data) if pool else launch(t_block, data)))
+                if len(pending) > in_flight:
+                    collect()
         while pending:
             collect()
     return t, loss
 
 
-def _timing_order(n_cells: int, sample: np.ndarray) -> np.ndarray:
-    """The order in which :func:`_assign_times` times the cells: ``sample``, then the rest."""
-    if sample.size == n_cells:
-        return np.arange(n_cells)
+def _timing_groups(n_cells: int, sample: np.ndarray, t_sample: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+    """The cells in the order :func:`_assign_times` times them, as sorted groups with their
+    previous times: the iterated cells (``sample``, ``t_sample``), then the others (``None``)."""
     rest = np.ones(n_cells, bool)
     rest[sample] = False
-    return np.concatenate([sample, np.flatnonzero(rest)])
+    return [(sample, t_sample), (np.flatnonzero(rest), None)]
 
 
 def _rows_block(a: np.ndarray, rows: slice | np.ndarray, block: int, cols: np.ndarray, width: int) -> np.ndarray:
     """Rows ``rows`` of ``a`` at columns ``cols`` as a C-ordered float64 ``(block, width)``
-    array, padded by repeating its first column and its first row.
-
-    Consecutive columns (the usual case) are read through a slice: NumPy gathers an index
-    array element by element into a Fortran-ordered copy (measured: 0.88 ms against 0.08 ms
-    per block of 1,024 x 64 float64, 0.9 s of a 10 s fit at 50,000 x 1,000).
-    """
+    array, padded by repeating its first column (:func:`~velofit._io.padded_columns`) and its
+    first row."""
     out = np.empty((block, width))
-    k = cols.size
-    values = a[rows][:, column_index(cols)]
+    values = a[rows]
     n = values.shape[0]
-    out[:n, :k] = values
-    out[:n, k:] = out[:n, :1]
+    padded_columns(values, cols, width, out=out[:n])
     out[n:] = out[0]
     return out
 
