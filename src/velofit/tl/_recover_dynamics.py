@@ -332,16 +332,10 @@ def write_time_layers(
     for start in range(0, genes.size, block):
         sel = slice(start, start + block)
         t = np.asarray(times(sel), dtype=np.float64)
-        s = switch[None, sel]
-        cols = column_index(genes[sel])
-        if isinstance(cols, slice):  # usually: written in place and rounded once
-            fit_t[:, cols] = t
-            np.minimum(t, s, out=tau[:, cols], casting="same_kind")
-            np.maximum(t - s, 0.0, out=tau_[:, cols], casting="same_kind")
-        else:
-            fit_t[:, cols] = t
-            tau[:, cols] = np.minimum(t, s)
-            tau_[:, cols] = np.maximum(t - s, 0.0)
+        cols = column_index(genes[sel])  # a slice where consecutive: no element-wise scatter
+        fit_t[:, cols] = t
+        tau[:, cols] = np.minimum(t, switch[None, sel])
+        tau_[:, cols] = np.maximum(t - switch[None, sel], 0.0)
     adata.layers["fit_t"], adata.layers["fit_tau"], adata.layers["fit_tau_"] = fit_t, tau, tau_
 
 
