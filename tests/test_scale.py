@@ -226,6 +226,96 @@ def test_plan_narrows_until_the_chunk_fits():
     assert width <= 25 and 1000 * width <= 25_000
 
 
+def test_model_width_is_where_the_plan_starts():
+    """plan_width checks model_width's width first (what the first pass runs with meanwhile)."""
+    calls = []
+
+    def footprint(n_cells, width):
+        calls.append(width)
+        return 0
+
+    for kwargs in ({"chunk_size": None, "memory_budget": None, "max_width": 4},
+                   {"chunk_size": None, "memory_budget": memory.bytes_per_gene(10**5, CONFIG) * 7, "max_width": None},
+                   {"chunk_size": 5, "memory_budget": 10**12, "max_width": 2}):
+        calls.clear()
+        width = memory.plan_width(10**5, 50, CONFIG, footprint=footprint, **kwargs)
+        assert calls == [width] == [memory.model_width(10**5, 50, CONFIG, **kwargs)]
+    assert memory.model_width(10**5, 50, CONFIG, chunk_size=None, memory_budget=None, max_width=4) == 4
+    assert memory.effective_budget(None, None) == memory.DEFAULT_MEMORY_BYTES
+    assert memory.effective_budget(None, 3) is None
+
+
+def test_first_pass_runs_while_the_program_compiles():
+    """The first pass runs with the model's width while the plan compiles; it is stopped and
+    run again with the planned width when the plan differs, and the plan's error is raised."""
+    import threading
+
+    from velofit.core.fit import _first_pass_while_compiling
+
+    def make_pass(log, wait=None, finished=None):
+        def first_pass(width, read):
+            log.append(width)
+            for k in range(50):
+                read(k)
+                if wait is not None and k == 0:
+                    wait.wait(5)  # the plan finishes while the pass is running
+                time.sleep(0.002)
+            if finished is not None:
+                finished.set()  # the plan finishes after the pass
+            return f"pass at {width}"
+        return first_pass
+
+    log = []
+    assert _first_pass_while_compiling(lambda: 8, 8, make_pass(log), lambda k: k) == (8, "pass at 8")
+    assert log == [8]
+
+    log, reads, done = [], [], threading.Event()
+
+    def narrower():
+        done.set()
+        return 3
+
+    width, result = _first_pass_while_compiling(narrower, 8, make_pass(log, done), reads.append)
+    assert (width, result, log) == (3, "pass at 3", [8, 3])
+    assert len(reads) < 100  # the pass at 8 stopped early: only the pass at 3 read every chunk
+
+    log, finished = [], threading.Event()
+
+    def late():
+        finished.wait(5)
+        return 3
+
+    assert _first_pass_while_compiling(late, 8, make_pass(log, finished=finished), lambda k: k) == (3, "pass at 3")
+    assert log == [8, 3]
+
+    def failing():
+        raise VelofitInputError("raise memory_budget")
+
+    with pytest.raises(VelofitInputError, match="raise memory_budget"):
+        _first_pass_while_compiling(failing, 8, make_pass([]), lambda k: k)
+
+
+def test_fit_is_the_same_when_the_accounting_narrows_the_chunk(data, reference, monkeypatch):
+    """XLA's accounting (here: patched) refusing the model's width of 6 genes: the first pass
+    runs with the planned width of 2, and the fit is bitwise the same."""
+    import velofit.core.fit as fit_module
+
+    widths = []
+    prepare = fit_module.prepare_chunk
+
+    def recording(mu, ms, **kwargs):
+        widths.append(mu.shape[1])
+        return prepare(mu, ms, **kwargs)
+
+    monkeypatch.setattr(fit_module, "prepare_chunk", recording)
+    monkeypatch.setattr(fit_module, "_local_footprint",
+                        lambda config, device, n_cells, width: 10**15 if width > 2 else 0)
+    out = fit(data)
+    # (The pass at 6 genes stops at its first chunk read after the plan is known: maybe before any.)
+    assert widths[-3:] == [2, 2, 2] and set(widths) <= {2, N_VARS}
+    assert_same(reference, out)
+
+
 def test_budget_below_two_genes_raises():
     with pytest.raises(VelofitInputError, match="raise memory_budget"):
         memory.plan_width(100, 50, CONFIG, chunk_size=None, memory_budget=10, footprint=lambda n, w: 1000 * w)

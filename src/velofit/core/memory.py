@@ -106,6 +106,54 @@ def chunk_footprint(n_cells: int, width: int, config: EMConfig, device: jax.Devi
     return int(xla + host)
 
 
+def effective_budget(memory_budget: int | None, chunk_size: int | None) -> int | None:
+    """The budget a fit checks: ``memory_budget``, else :data:`DEFAULT_MEMORY_BYTES` unless
+    ``chunk_size`` is given (then ``None``: unchecked).
+
+    Parameters
+    ----------
+    memory_budget
+        Bytes, or ``None``.
+    chunk_size
+        Requested width, or ``None``.
+
+    Returns
+    -------
+    Bytes, or ``None``.
+    """
+    if memory_budget is not None or chunk_size is not None:
+        return memory_budget
+    return DEFAULT_MEMORY_BYTES
+
+
+def model_width(
+    n_cells: int,
+    n_genes: int,
+    config: EMConfig,
+    *,
+    chunk_size: int | None,
+    memory_budget: int | None,
+    max_width: int | None = None,
+) -> int:
+    """The width :func:`plan_width` starts from: ``chunk_size``, or the model's width for the
+    budget (:func:`default_chunk_size`), before XLA's accounting is checked (nothing compiled).
+
+    Parameters
+    ----------
+    n_cells, n_genes, config, chunk_size, memory_budget, max_width
+        As for :func:`plan_width`.
+
+    Returns
+    -------
+    Width of at least :data:`MIN_WIDTH` (at most ``n_genes`` unless that is smaller).
+    """
+    budget = effective_budget(memory_budget, chunk_size)
+    wanted = chunk_size if chunk_size is not None else default_chunk_size(n_cells, budget, config)
+    if chunk_size is None and max_width is not None:
+        wanted = min(wanted, max_width)
+    return max(MIN_WIDTH, min(wanted, n_genes))
+
+
 def plan_width(
     n_cells: int,
     n_genes: int,
@@ -117,6 +165,9 @@ def plan_width(
     max_width: int | None = None,
 ) -> int:
     """Genes per chunk: ``chunk_size``, or the widest chunk that fits ``memory_budget``.
+
+    Starts from :func:`model_width` and checks it with ``footprint`` (narrowing it, or
+    raising, where the chunk would exceed the budget).
 
     Parameters
     ----------
@@ -139,11 +190,9 @@ def plan_width(
     -------
     Width of every chunk (at least :data:`MIN_WIDTH`; chunks are padded to it).
     """
-    budget = memory_budget if memory_budget is not None or chunk_size is not None else DEFAULT_MEMORY_BYTES
-    wanted = chunk_size if chunk_size is not None else default_chunk_size(n_cells, budget, config)
-    if chunk_size is None and max_width is not None:
-        wanted = min(wanted, max_width)
-    width = max(MIN_WIDTH, min(wanted, n_genes))
+    budget = effective_budget(memory_budget, chunk_size)
+    width = model_width(n_cells, n_genes, config, chunk_size=chunk_size, memory_budget=memory_budget,
+                        max_width=max_width)
     if budget is None:
         return width
     for _ in range(4):
