@@ -196,6 +196,20 @@ def test_time_layers_are_float32_rounding_of_the_fit(data, reference):
         np.testing.assert_allclose(layer, values, rtol=2.5e-7, atol=2 * float(np.spacing(np.float32(20))), err_msg=key)
 
 
+def test_time_layers_written_in_blocks_of_cells_are_the_same(data, reference, monkeypatch):
+    """Blocks of a few cells (written in threads) give the same layers as one block, for all
+    genes (the fit's times array reused as fit_t) and for a subset of non-consecutive genes."""
+    import velofit.tl._recover_dynamics as rd
+
+    names = list(data.var_names[[5, 1, 3]])
+    one_block = fit(data, var_names=names)
+    monkeypatch.setattr(rd, "_TIME_BLOCK_VALUES", 13)  # 2 cells per block for 6 genes, 4 for 3
+    for expected, out in ((reference, fit(data)), (one_block, fit(data, var_names=names))):
+        for key in ("fit_t", "fit_tau", "fit_tau_"):
+            assert _bitwise(expected.layers[key], out.layers[key]), key
+    assert np.isnan(one_block.layers["fit_t"][:, [0, 2, 4]]).all()
+
+
 def test_time_layers_of_a_gene_subset(data, reference):
     """Genes not fitted get nan columns; the fitted ones equal the fit of all genes."""
     names = list(data.var_names[[4, 1]])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -22,12 +24,14 @@ from .._validation import (
     check_key,
     resolve_var_names,
 )
-from ..core.backends import check_backend, check_device
+from ..core.backends import LOCAL_CPU_WORKERS, check_backend, check_device
 from ..core.fit import GeneFit, fit_columns
 from ..core.hard_em import EMConfig
 from ..core.initialize import MIN_CELLS
 from ..core.memory import parse_memory_budget
 
+#: Values per block of :func:`write_time_layers` (float64 temporaries of 4 MB).
+_TIME_BLOCK_VALUES = 2**19
 #: Data type of the time layers ``fit_t``, ``fit_tau``, ``fit_tau_`` (see :func:`write_time_layers`).
 LAYER_DTYPE = np.dtype(np.float32)
 #: Total time span that every gene's clock is rescaled to (scVelo's ``t_max`` default).
@@ -281,8 +285,7 @@ def _write_fit(adata: AnnData, genes: np.ndarray, fit: GeneFit, t_max: float) ->
     adata.var["velocity_genes"] = select_velocity_genes(adata, DEFAULT_MIN_LIKELIHOOD)
 
     write_time_layers(
-        adata, genes, lambda sel: np.where(fitted[sel], fit.t[:, sel], np.nan) * align[sel], fit.t_ * align,
-        reuse=fit.t,
+        adata, genes, lambda rows: np.where(fitted, fit.t[rows], np.nan) * align, fit.t_ * align, reuse=fit.t
     )
     loss = np.full((n_vars, fit.trace.shape[0]), np.nan)
     loss[genes] = fit.trace.T
@@ -296,10 +299,14 @@ def write_time_layers(
     switch: np.ndarray,
     reuse: np.ndarray | None = None,
 ) -> None:
-    """Write the layers ``fit_t``, ``fit_tau`` and ``fit_tau_`` as float32, block by block of genes.
+    """Write the layers ``fit_t``, ``fit_tau`` and ``fit_tau_`` as float32, block by block of cells.
 
     Float32 holds a time to 7 significant digits, far below any fit's uncertainty, and halves
-    the three largest outputs of an atlas-sized fit (scVelo writes float64).
+    the three largest outputs of an atlas-sized fit (scVelo writes float64). Each value is
+    computed in float64 and rounded once. Blocks of :data:`_TIME_BLOCK_VALUES` values keep
+    the float64 temporaries in the CPU cache, and run in two threads (blocks of whole columns
+    made each temporary a fresh 67 MB allocation at 50,000 cells: the layers of 50,000 x 1,000
+    genes took 1.5-1.7 s, now 0.4-0.45 s on 2 cores).
 
     Parameters
     ----------
@@ -308,14 +315,14 @@ def write_time_layers(
     genes
         Positions of the fitted genes' columns.
     times
-        ``times(sel)``: the ``(n_obs, k)`` ``fit_t`` of the genes ``genes[sel]`` (``nan`` where
-        not fitted).
+        ``times(rows)``: the ``(len(rows), len(genes))`` ``fit_t`` of the cells ``rows`` (a
+        slice) on the genes ``genes`` (``nan`` where not fitted).
     switch
         ``(len(genes),)`` switching time of every gene, in the units of ``fit_t``.
     reuse
         Optional float32 C-contiguous ``(n_obs, n_vars)`` array that may become ``fit_t``
         (overwritten; used only when ``genes`` are all genes in order, so that no other
-        full-size copy of the times exists). ``times`` may read it: block ``sel`` is read
+        full-size copy of the times exists). ``times`` may read it: block ``rows`` is read
         before it is written.
     """
     for key in ("fit_t", "fit_tau", "fit_tau_"):  # an earlier fit's layers: free them first
@@ -328,14 +335,19 @@ def write_time_layers(
     new = np.empty if whole else partial(np.full, fill_value=np.nan)
     fit_t = reuse if whole and usable and reuse.flags.c_contiguous else new(adata.shape, dtype=LAYER_DTYPE)
     tau, tau_ = (new(adata.shape, dtype=LAYER_DTYPE) for _ in range(2))
-    block = max(1, (64 * 1024**2) // (8 * max(adata.n_obs, 1)))
-    for start in range(0, genes.size, block):
-        sel = slice(start, start + block)
-        t = np.asarray(times(sel), dtype=np.float64)
-        cols = column_index(genes[sel])  # a slice where consecutive: no element-wise scatter
-        fit_t[:, cols] = t
-        tau[:, cols] = np.minimum(t, switch[None, sel])
-        tau_[:, cols] = np.maximum(t - switch[None, sel], 0.0)
+    cols = column_index(genes)  # a slice where consecutive: no element-wise scatter
+    block = max(1, _TIME_BLOCK_VALUES // max(genes.size, 1))
+
+    def write(start: int) -> None:
+        rows = slice(start, start + block)
+        t = np.array(times(rows), dtype=np.float64)
+        fit_t[rows, cols] = t
+        tau[rows, cols] = np.minimum(t, switch)
+        tau_[rows, cols] = np.maximum(np.subtract(t, switch, out=t), 0.0, out=t)
+
+    # NumPy releases the GIL in these loops: blocks are written on every core.
+    with ThreadPoolExecutor(min(os.cpu_count() or 1, LOCAL_CPU_WORKERS)) as pool:
+        list(pool.map(write, range(0, adata.n_obs, block)))
     adata.layers["fit_t"], adata.layers["fit_tau"], adata.layers["fit_tau_"] = fit_t, tau, tau_
 
 

@@ -260,5 +260,5 @@ def _write_shared_fit(adata: AnnData, genes: np.ndarray, result: dict, clock: np
         adata.var[key] = column
     adata.var["velocity_genes"] = select_velocity_genes(adata, DEFAULT_MIN_LIKELIHOOD)
     write_time_layers(
-        adata, genes, lambda sel: t_max * np.maximum(clock[:, None] - t0[None, sel], 0.0), d * t_max
+        adata, genes, lambda rows: t_max * np.maximum(clock[rows, None] - t0[None, :], 0.0), d * t_max
     )
