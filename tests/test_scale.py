@@ -126,6 +126,37 @@ def test_local_map_in_threads_stores_in_order_and_raises():
         map_chunks(failing, chunks, lambda cols: (int(cols[0]),), lambda cols, r: None, workers=2)
 
 
+def test_local_map_throttle_limits_the_chunks_running_at_once():
+    """A throttle of 1 for the first chunks runs them one at a time; then up to ``workers``."""
+    import threading
+
+    from velofit.core.backends import map_chunks
+
+    chunks = [np.array([i]) for i in range(8)]
+    lock, running, peaks, stored = threading.Lock(), [0], {}, []
+
+    def task(x):
+        with lock:
+            running[0] += 1
+            peaks[x] = running[0]
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return x
+
+    reads = []
+
+    def read(cols):
+        reads.append(int(cols[0]))
+        return (int(cols[0]),)
+
+    map_chunks(task, chunks, read, lambda cols, r: stored.append(r), workers=3,
+               throttle=lambda: 1 if len(reads) < 4 else 3)
+    assert stored == list(range(8))
+    assert max(peaks[x] for x in range(4)) == 1  # read while the throttle allowed one
+    assert max(peaks.values()) >= 2  # then several at once
+
+
 def test_model_covers_xla_accounting():
     """XLA's own accounting of the compiled EM stays within the model used for the default."""
     for width in (3, 6):
@@ -267,7 +298,7 @@ def test_first_pass_runs_while_the_program_compiles():
     from velofit.core.fit import _first_pass_while_compiling
 
     def make_pass(log, wait=None, finished=None):
-        def first_pass(width, read):
+        def first_pass(width, read, throttle=None):
             log.append(width)
             for k in range(50):
                 read(k)

@@ -147,7 +147,7 @@ def max_in_flight(client: Any) -> int:
     return max(1, sum(nthreads.values()) + len(nthreads))
 
 
-def _map_local(task, chunks, read, store, workers: int) -> None:
+def _map_local(task, chunks, read, store, workers: int, throttle: Callable[[], int] | None = None) -> None:
     if workers <= 1 or len(chunks) < 2:
         for cols in chunks:
             store(cols, task(*read(cols)))
@@ -156,7 +156,8 @@ def _map_local(task, chunks, read, store, workers: int) -> None:
         running: deque = deque()
         for cols in chunks:
             running.append((cols, pool.submit(task, *read(cols))))
-            if len(running) >= workers:
+            # Before the next read, fewer than the chunks allowed at once keep running.
+            while running and len(running) >= (workers if throttle is None else min(workers, throttle())):
                 done, future = running.popleft()
                 store(done, future.result())
         while running:
@@ -173,6 +174,7 @@ def map_chunks(
     backend: str = "local",
     client: Any = None,
     workers: int = 1,
+    throttle: Callable[[], int] | None = None,
 ) -> None:
     """Run ``task(*read(cols))`` for every chunk and ``store(cols, result)`` each result.
 
@@ -194,9 +196,12 @@ def map_chunks(
     workers
         Chunks run at once with ``"local"`` (threads; inputs are read and results stored
         here, so at most ``workers`` chunks' data are held).
+    throttle
+        With ``"local"``: called before each chunk is read, returns how many chunks may run
+        at once now (capped at ``workers``); e.g. fewer while other work needs the cores.
     """
     if backend == "local":
-        _map_local(task, chunks, read, store, workers)
+        _map_local(task, chunks, read, store, workers, throttle)
         return
     if backend != "dask":
         raise VelofitInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
