@@ -126,8 +126,8 @@ def test_local_map_in_threads_stores_in_order_and_raises():
         map_chunks(failing, chunks, lambda cols: (int(cols[0]),), lambda cols, r: None, workers=2)
 
 
-def test_local_map_throttle_limits_the_chunks_running_at_once():
-    """A throttle of 1 for the first chunks runs them one at a time; then up to ``workers``."""
+def test_local_map_runs_chunks_one_at_a_time_when_asked():
+    """Chunks read while ``one_at_a_time()`` is true run alone; later ones up to ``workers`` at once."""
     import threading
 
     from velofit.core.backends import map_chunks
@@ -151,9 +151,9 @@ def test_local_map_throttle_limits_the_chunks_running_at_once():
         return (int(cols[0]),)
 
     map_chunks(task, chunks, read, lambda cols, r: stored.append(r), workers=3,
-               throttle=lambda: 1 if len(reads) < 4 else 3)
+               one_at_a_time=lambda: len(reads) < 4)
     assert stored == list(range(8))
-    assert max(peaks[x] for x in range(4)) == 1  # read while the throttle allowed one
+    assert max(peaks[x] for x in range(4)) == 1  # read while one at a time was asked
     assert max(peaks.values()) >= 2  # then several at once
 
 
@@ -298,7 +298,7 @@ def test_first_pass_runs_while_the_program_compiles():
     from velofit.core.fit import _first_pass_while_compiling
 
     def make_pass(log, wait=None, finished=None):
-        def first_pass(width, read, throttle=None):
+        def first_pass(width, read, one_at_a_time=None):
             log.append(width)
             for k in range(50):
                 read(k)

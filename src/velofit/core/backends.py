@@ -147,7 +147,7 @@ def max_in_flight(client: Any) -> int:
     return max(1, sum(nthreads.values()) + len(nthreads))
 
 
-def _map_local(task, chunks, read, store, workers: int, throttle: Callable[[], int] | None = None) -> None:
+def _map_local(task, chunks, read, store, workers: int, one_at_a_time: Callable[[], bool] | None = None) -> None:
     if workers <= 1 or len(chunks) < 2:
         for cols in chunks:
             store(cols, task(*read(cols)))
@@ -157,7 +157,7 @@ def _map_local(task, chunks, read, store, workers: int, throttle: Callable[[], i
         for cols in chunks:
             running.append((cols, pool.submit(task, *read(cols))))
             # Before the next read, fewer than the chunks allowed at once keep running.
-            while running and len(running) >= (workers if throttle is None else min(workers, throttle())):
+            while running and len(running) >= (1 if one_at_a_time is not None and one_at_a_time() else workers):
                 done, future = running.popleft()
                 store(done, future.result())
         while running:
@@ -174,7 +174,7 @@ def map_chunks(
     backend: str = "local",
     client: Any = None,
     workers: int = 1,
-    throttle: Callable[[], int] | None = None,
+    one_at_a_time: Callable[[], bool] | None = None,
 ) -> None:
     """Run ``task(*read(cols))`` for every chunk and ``store(cols, result)`` each result.
 
@@ -196,12 +196,12 @@ def map_chunks(
     workers
         Chunks run at once with ``"local"`` (threads; inputs are read and results stored
         here, so at most ``workers`` chunks' data are held).
-    throttle
-        With ``"local"``: called before each chunk is read, returns how many chunks may run
-        at once now (capped at ``workers``); e.g. fewer while other work needs the cores.
+    one_at_a_time
+        With ``"local"``: called before each chunk is read; while it returns ``True``, chunks
+        run one at a time (e.g. while other work needs the cores).
     """
     if backend == "local":
-        _map_local(task, chunks, read, store, workers, throttle)
+        _map_local(task, chunks, read, store, workers, one_at_a_time)
         return
     if backend != "dask":
         raise VelofitInputError(f"backend must be one of {BACKENDS}, got {backend!r}")

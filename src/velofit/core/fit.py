@@ -306,14 +306,14 @@ def fit_columns(
     run = partial(map_chunks, backend=backend, client=client)
 
     # 1. Statistics, initial parameters and the iterated cells of every gene.
-    def first_pass(width: int, read_chunk: Callable, throttle: Callable[[], int] | None = None) -> tuple:
+    def first_pass(width: int, read_chunk: Callable, one_at_a_time: Callable[[], bool] | None = None) -> tuple:
         chunks = [np.arange(start, min(start + width, n_genes)) for start in range(0, n_genes, width)]
         prepared: dict[int, Prepared] = {}
         # The pass holds host arrays only: the model's bytes per gene bound them.
         fits = budget is None or threads * bytes_per_gene(n_cells, config) * width <= budget
-        extra = {} if throttle is None else {"throttle": throttle}
         run(partial(prepare_chunk, sample=sample), chunks, read_chunk,
-            lambda cols, prep: prepared.__setitem__(int(cols[0]), prep), workers=threads if fits else 1, **extra)
+            lambda cols, prep: prepared.__setitem__(int(cols[0]), prep), workers=threads if fits else 1,
+            one_at_a_time=one_at_a_time)
         return chunks, prepared
 
     plan = partial(plan_width, n_cells, n_genes, config, footprint=footprint, **sizes)
@@ -360,10 +360,6 @@ def fit_columns(
     return out
 
 
-#: A throttle (:func:`~velofit.core.backends.map_chunks`) that leaves ``workers`` as it is.
-_UNLIMITED = 1 << 30
-
-
 class _Replanned(Exception):
     """The compiled program's accounting chose another width than the one a pass runs with."""
 
@@ -378,7 +374,7 @@ def _first_pass_while_compiling(plan: Callable[[], int], guess: int, first_pass:
     which the accounting confirms unless the budget is tight; otherwise the pass stops at
     its next chunk and runs again with the planned width. (The pass's results do not depend
     on the width: only the time is lost.) ``plan``'s error, if any, is raised here.
-    While the plan runs, the pass runs one chunk at a time (``first_pass``'s ``throttle``):
+    While the plan runs, the pass runs one chunk at a time (``first_pass``'s ``one_at_a_time``):
     the compiler, the longer of the two, keeps most of the cores. Measured at 50,000 x 1,000
     on 2 cores: the first fit 1-1.5 s shorter.
 
@@ -395,8 +391,7 @@ def _first_pass_while_compiling(plan: Callable[[], int], guess: int, first_pass:
             return read(cols)
 
         try:
-            # One chunk at a time while the plan runs, then as many as the pass allows.
-            result = first_pass(guess, read_while_valid, throttle=lambda: 1 if not planned.done() else _UNLIMITED)
+            result = first_pass(guess, read_while_valid, one_at_a_time=lambda: not planned.done())
         except _Replanned:
             result = None
         width = planned.result()
