@@ -1,4 +1,5 @@
-"""Same input and seed give bitwise identical output, whatever the layout of the input.
+"""Same input and seed give bitwise identical output, whatever the layout of the input;
+chunk width, padding and gene order change only the last bits.
 
 Compared bitwise: every ``var`` column, layer, ``varm`` entry and the loss trace that
 ``recover_dynamics`` and ``velocity`` write. Fits use ``max_iter=3, n_explicit=1`` on 40
@@ -9,8 +10,11 @@ Measured (CPU, float64): chunks of 1 gene differ from chunks of >= 2 genes (XLA 
 reduction over the cell axis of a ``(n_cells, 1)`` array differently): on the 3-gene data
 here by at most 8.4e-14 in ``fit_t`` and 1.1e-14 in ``fit_alpha`` (relative <= 6e-15); on a
 5-gene data set (``simulate(n_vars=5, seed=3)``) the EM amplified it to 4.3e-8 in ``fit_t``
-and 2.6e-8 in ``fit_alpha``. Chunks of 2, 3 or more genes, padded or not, in any gene order,
-agree bitwise, so the core pads every chunk to at least 2 genes. Above
+and 2.6e-8 in ``fit_alpha``, so the core pads every chunk to at least 2 genes. Chunks of 2, 3
+or more genes, padded or not, in any gene order, agreed bitwise until the M-step's projected
+step (2026-11-27): XLA compiles its extra evaluations of the curve into loops whose rounding
+depends on a gene's column position; measured on the data here: at most 8e-14 relative to a
+column's largest value (``velocity``), so they are compared to 1e-10. Above
 1024 cells the seed picks the M-step's cell subset: the same seed was measured bitwise
 identical, another seed differs (not run here: it needs one more compilation).
 """
@@ -72,6 +76,20 @@ def assert_bitwise(a: dict, b: dict, *, genes=None) -> None:
         assert _bitwise(x, y), f"{key} differs: max abs diff {max_abs_diff(x, y)}"
 
 
+def assert_same_to_rounding(a: dict, b: dict, *, genes=None, rtol: float = 1e-10) -> None:
+    """Equal up to a relative ``rtol`` (floats; the rest exactly): what a gene's column
+    position or chunk width may change (see the module docstring)."""
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        y = b[key]
+        if genes is not None and not key.startswith("uns/"):
+            x = x[:, genes] if key.startswith("layers/") else x[genes]
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.nanmax(np.abs(y), initial=0.0), err_msg=key)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=key)
+
+
 def max_abs_diff(x, y) -> float:
     if x.dtype.kind != "f":
         return float(np.sum(x != y))
@@ -110,17 +128,8 @@ def test_progress_bar_does_not_change_results(data, reference):
     assert_bitwise(reference, outputs(out))
 
 
-def test_chunk_size_one_is_close(data, reference):
-    one = fit(data, chunk_size=1)
-    for key in reference:
-        if reference[key].dtype.kind == "f":
-            np.testing.assert_allclose(one[key], reference[key], rtol=1e-11, atol=1e-11, err_msg=key)
-        else:
-            np.testing.assert_array_equal(one[key], reference[key], err_msg=key)
-
-
-def test_chunk_size_one_is_bitwise_identical(data, reference):
-    assert_bitwise(reference, fit(data, chunk_size=1))
+def test_chunk_size_one_is_the_same_to_rounding(data, reference):
+    assert_same_to_rounding(reference, fit(data, chunk_size=1))
 
 
 def test_padding_does_not_change_results():
@@ -132,7 +141,7 @@ def test_padding_does_not_change_results():
     strip = {k: v for k, v in padded.items() if not k.startswith("uns/") and k != "var/velocity_genes"}
     for genes, part in ((slice(0, 3), first), (slice(2, 5), last)):
         part = {k: v for k, v in part.items() if k in strip}
-        assert_bitwise(strip, part, genes=genes)
+        assert_same_to_rounding(strip, part, genes=genes)
 
 
 def test_gene_order_does_not_change_results(data, reference):
@@ -142,7 +151,7 @@ def test_gene_order_does_not_change_results(data, reference):
         if key.startswith("uns/") or key == "var/velocity_genes":
             continue
         got = permuted[key][:, order] if key.startswith("layers/") else permuted[key][order]
-        assert _bitwise(got, ref), f"{key}: max abs diff {max_abs_diff(got, ref)}"
+        assert_same_to_rounding({key: got}, {key: ref})
 
 
 LAYOUTS = {

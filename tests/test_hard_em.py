@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.stats import spearmanr
 
 from velofit.core.fit import fit_genes
@@ -293,7 +294,8 @@ def test_exact_throughout_and_max_iter():
     assert np.all(d_fit <= np.asarray(d_exact) * (1 + 1e-9) + 1e-15)
 
 
-def test_regrouped_rounds_equal_one_uninterrupted_run():
+@pytest.mark.parametrize("move_times", [False, True])
+def test_regrouped_rounds_equal_one_uninterrupted_run(move_times):
     """The fit's EM rounds (a few iterations, then unfinished genes regrouped into new
     chunks) give what the same compiled program gives when it runs fixed chunks of the same
     width, never regrouped, until every gene is done: the same iterations, convergence and
@@ -303,7 +305,10 @@ def test_regrouped_rounds_equal_one_uninterrupted_run():
     elements left over, which may round differently, so a gene's last bit can depend on its
     column in the chunk (measured since the curve of the time assignment is computed once
     into buffers: 1 of 100 parameters by 2.8e-17, 1 of 10,000 times by 5.5e-12). The widths that agree bitwise whatever
-    the grouping are in test_determinism.
+    the grouping are in test_determinism. The projected M-step (``move_times``) amplifies such
+    a last bit through its per-cell choices (move a cell's time or not): measured 4.4e-7
+    relative in a parameter (the same in every run); the iterations and convergence stay
+    identical.
     """
     from velofit.core import em_pool
     from velofit.core.fit import prepare_chunk
@@ -311,7 +316,7 @@ def test_regrouped_rounds_equal_one_uninterrupted_run():
     from velofit.core.programs import carry_spec, fit_program
 
     mu, ms, _, _ = simulate()
-    config, width = EMConfig(max_iter=15, tol=1e-6), 3
+    config, width = EMConfig(max_iter=15, tol=1e-6, move_times=move_times), 3
     prep = prepare_chunk(mu, ms, sample=np.arange(N_CELLS))
     program = fit_program(N_CELLS, width, config, jax.devices("cpu")[0])
     parts = []
@@ -342,12 +347,12 @@ def test_regrouped_rounds_equal_one_uninterrupted_run():
     n_iter = np.asarray(state.n_iter)
     assert len(set(n_iter)) > 2, "the genes should need different numbers of iterations"
     assert any(len(r) < len(rounds[0]) for r in rounds[1:]), "finished genes should leave the rounds"
-    last_bits = {"rtol": 1e-12, "atol": 1e-15}
+    last_bits = {"rtol": 1e-5 if move_times else 1e-12, "atol": 1e-15}
     np.testing.assert_allclose(pool.theta, np.asarray(state.theta), **last_bits)
     np.testing.assert_allclose(pool.loss, np.asarray(state.loss), **last_bits)
     np.testing.assert_allclose(pool.trace, np.asarray(trace), **last_bits)
     # A last-bit difference can flip a Newton step's acceptance, which moves a time further.
-    np.testing.assert_allclose(pool.t, np.asarray(state.t), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(pool.t, np.asarray(state.t), rtol=1e-5 if move_times else 1e-9, atol=1e-12)
     np.testing.assert_array_equal(pool.n_iter, n_iter)
     np.testing.assert_array_equal(pool.converged, np.asarray(state.converged))
     assert pool.done.all()
@@ -410,3 +415,31 @@ def test_a_fit_compiles_one_program(monkeypatch):
     fit = fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5), chunk_size=7)  # a shape no other test uses
     assert fit.fitted.all()
     assert len(asked) == 1
+
+
+def _fit_from(monkeypatch, start, config):
+    """fit_genes on the low-noise simulation with the EM started at ``start`` (5 x genes)."""
+    import velofit.core.fit as fit_module
+
+    monkeypatch.setattr(fit_module, "initial_parameters", lambda mu, ms, stats: start[:, : mu.shape[1]].copy())
+    mu, ms, _, _ = simulate(noise=0.01, seed=5)
+    return fit_genes(mu, ms, config)
+
+
+def test_projected_m_steps_reach_the_optimum_from_a_biased_start(monkeypatch):
+    """Started at the true parameters x 1.2, at 1% noise, 60 iterations: the EM whose M-steps
+    move the cells' times with the parameters ends at the truth's gamma/beta; the plain
+    alternation (times held in every M-step) crawls (measured: median error 0.2% vs 5.7%;
+    with the default 20 iterations 2.4% vs 5.2%)."""
+    _, _, _, truth = simulate(noise=0.01, seed=5)
+    true = np.stack([truth["alpha"], truth["beta"], truth["gamma"], truth["t_"], np.ones(N_GENES)])
+    ratio_true = truth["gamma"] / truth["beta"]
+    errors, losses = {}, {}
+    for move in (True, False):
+        fit = _fit_from(monkeypatch, true * 1.2, EMConfig(max_iter=60, tol=1e-6, move_times=move))
+        assert np.all(fit.status == "ok")
+        errors[move] = np.abs(fit.gamma * fit.scaling / fit.beta / ratio_true - 1)
+        losses[move] = fit.loss
+    assert np.median(errors[True]) < 0.01, np.round(errors[True], 4)
+    assert np.median(errors[False]) > 5 * np.median(errors[True]), (np.median(errors[False]), np.median(errors[True]))
+    assert np.mean(losses[True] <= losses[False] * (1 + 1e-6)) >= 0.9

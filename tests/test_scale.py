@@ -54,6 +54,19 @@ def assert_same(a: ad.AnnData, b: ad.AnnData) -> None:
         assert _bitwise(x[key], y[key]), f"{key} differs: max abs diff {max_abs_diff(x[key], y[key])}"
 
 
+def assert_same_to_rounding(a: ad.AnnData, b: ad.AnnData, rtol: float = 1e-10) -> None:
+    """Equal to the last bits: what a gene's column position in a chunk may change (the
+    projected M-step's curve evaluations; ``tests/test_determinism.py``)."""
+    x, y = outputs(a), outputs(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        if x[key].dtype.kind == "f":
+            scale = np.nanmax(np.abs(y[key]), initial=0.0)
+            np.testing.assert_allclose(x[key], y[key], rtol=rtol, atol=rtol * scale, err_msg=key)
+        else:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def data() -> ad.AnnData:
     adata = simulate(n_obs=N_OBS, n_vars=N_VARS, seed=5)
@@ -76,7 +89,7 @@ def reference3(data) -> ad.AnnData:
 
 
 def test_chunk_width_does_not_change_results(reference, reference3):
-    assert_same(reference, reference3)
+    assert_same_to_rounding(reference, reference3)
 
 
 def test_chunks_run_at_once_in_threads_give_the_same_fit(data, reference3, monkeypatch):
@@ -86,8 +99,8 @@ def test_chunks_run_at_once_in_threads_give_the_same_fit(data, reference3, monke
     monkeypatch.setattr(fit_module, "LOCAL_CPU_WORKERS", 1)
     one_at_a_time = fit(data, chunk_size=3)
     monkeypatch.setattr(fit_module, "LOCAL_CPU_WORKERS", 3)
-    assert_same(reference3, one_at_a_time)
-    assert_same(one_at_a_time, fit(data, chunk_size=2))
+    assert_same_to_rounding(reference3, one_at_a_time)
+    assert_same_to_rounding(one_at_a_time, fit(data, chunk_size=2))
 
 
 def test_blocks_of_cells_timed_in_threads_give_the_same_fit(data, monkeypatch):
@@ -255,7 +268,7 @@ def test_time_layers_of_a_gene_subset(data, reference):
 def test_budget_sets_chunk_and_results_are_identical(data, reference):
     budget = memory.bytes_per_gene(N_OBS, CONFIG) * 3 + 100
     assert memory.default_chunk_size(N_OBS, budget, CONFIG) == 3
-    assert_same(reference, fit(data, memory_budget=budget))
+    assert_same_to_rounding(reference, fit(data, memory_budget=budget))
 
 
 def test_plan_narrows_until_the_chunk_fits():
@@ -342,7 +355,7 @@ def test_first_pass_runs_while_the_program_compiles():
 
 def test_fit_is_the_same_when_the_accounting_narrows_the_chunk(data, reference, monkeypatch):
     """XLA's accounting (here: patched) refusing the model's width of 6 genes: the first pass
-    runs with the planned width of 2, and the fit is bitwise the same."""
+    runs with the planned width of 2, and the fit is the same (to the last bits: other widths)."""
     import velofit.core.fit as fit_module
 
     widths = []
@@ -358,7 +371,7 @@ def test_fit_is_the_same_when_the_accounting_narrows_the_chunk(data, reference, 
     out = fit(data)
     # (The pass at 6 genes stops at its first chunk read after the plan is known: maybe before any.)
     assert widths[-3:] == [2, 2, 2] and set(widths) <= {2, N_VARS}
-    assert_same(reference, out)
+    assert_same_to_rounding(reference, out)
 
 
 def test_budget_below_two_genes_raises():

@@ -29,7 +29,7 @@ PANCREAS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pan
 N_PANCREAS_GENES = 150
 
 
-def _simulate(n_obs: int, n_vars: int, seed: int = 0):
+def _simulate(n_obs: int, n_vars: int, seed: int = 0, noise_level: float = 1):
     """scVelo's simulation with per-gene log-normal rates (as benchmarks/bench_recover_dynamics.py)."""
     rng = np.random.default_rng(seed)
     adata = scv.datasets.simulation(
@@ -40,7 +40,7 @@ def _simulate(n_obs: int, n_vars: int, seed: int = 0):
         gamma=list(0.3 * np.exp(0.5 * rng.standard_normal(n_vars))),
         switches=list(rng.uniform(0.3, 0.9, n_vars)),
         t_max=20,
-        noise_level=1,
+        noise_level=noise_level,
         random_seed=seed,
     )
     adata.layers["Ms"] = np.asarray(adata.layers["spliced"], dtype=float).copy()
@@ -118,8 +118,27 @@ def test_simulation_gamma_over_beta_error_not_worse_than_scvelo(simulated):
     truth = (adata.var["true_gamma"] / adata.var["true_beta"]).to_numpy(dtype=float)
     err_ours = np.median(np.abs(_ratio(ours) - truth)[_fitted(ours)] / truth[_fitted(ours)])
     err_theirs = np.median(np.abs(_ratio(theirs) - truth)[_fitted(theirs)] / truth[_fitted(theirs)])
-    # measured: velofit 0.044, scVelo 0.060 (seed 1: 0.051, 0.065)
-    assert err_ours <= 1.1 * err_theirs, (err_ours, err_theirs)
+    # measured: velofit 0.052, scVelo 0.060 (seed 1: 0.052, 0.066); before the projected M-step
+    # velofit 0.044 here but 0.061 vs 0.053 on benchmarks/RESULTS.md's 2,000 x 200
+    assert err_ours <= err_theirs, (err_ours, err_theirs)
+
+
+@pytest.fixture(scope="module")
+def simulated_low_noise():
+    adata = _simulate(1000, 40, noise_level=0.2)
+    ours, theirs = _fit_both(adata, "all")
+    return adata, ours, theirs
+
+
+def test_simulation_at_low_noise_gamma_over_beta_error_well_below_scvelo(simulated_low_noise):
+    """At noise level 0.2 the error is the optimiser's: scVelo's stays near its steady-state
+    start (its gamma/beta penalty), velofit's projected M-steps reach the optimum."""
+    adata, ours, theirs = simulated_low_noise
+    truth = (adata.var["true_gamma"] / adata.var["true_beta"]).to_numpy(dtype=float)
+    err_ours = np.median(np.abs(_ratio(ours) - truth)[_fitted(ours)] / truth[_fitted(ours)])
+    err_theirs = np.median(np.abs(_ratio(theirs) - truth)[_fitted(theirs)] / truth[_fitted(theirs)])
+    # measured: velofit 0.010, scVelo 0.036 (seed 1: 0.009, 0.033)
+    assert err_ours < 0.4 * err_theirs, (err_ours, err_theirs)
 
 
 def test_simulation_per_gene_times_agree(simulated):

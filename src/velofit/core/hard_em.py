@@ -6,9 +6,9 @@ iterations with the explicit E-step, then exact ones) inside ``lax.while_loop``,
 iterations per call, recording every gene's loss per iteration; :func:`fit_step` is the one
 compiled program of the per-gene fit. All arrays carry a gene axis; nothing loops over genes in Python.
 
-Monotonicity: the M-step keeps only improving steps, and the E-step keeps, per cell, the
-better of the proposed time and the previous one. So every gene's loss is non-increasing in
-every iteration, including the explicit ones (whose closed-form times are not minimisers).
+Monotonicity: the M-step keeps only improving steps (with the times it moved), and the
+E-step keeps, per cell, the better of the proposed time and the M-step's one. So every
+gene's loss is non-increasing in every iteration, including the explicit ones (whose closed-form times are not minimisers).
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ class EMConfig(NamedTuple):
     n_lm
         Levenberg-Marquardt steps per M-step (one Jacobian per two steps:
         :func:`~velofit.core.mstep.levenberg_marquardt`).
+    move_times
+        M-steps try the projected step, which moves each cell's time with the parameters
+        (:func:`~velofit.core.mstep.levenberg_marquardt`), before the plain one with times
+        held. ``False`` is the plain alternation, which crawls where the parameters and the
+        times must move together (on scVelo's simulator at 2,000 x 200 it left gamma/beta
+        3.5-7.5x further from the truth at noise levels 0.1-0.3).
     n_jacobian_cells
         Most cells the EM iterates on (a seeded random subset is drawn by
         :func:`velofit.core.fit.fit_genes`: five rates per gene are determined long before
@@ -64,6 +70,7 @@ class EMConfig(NamedTuple):
     max_iter: int = 20
     n_explicit: int = 0
     n_lm: int = 2
+    move_times: bool = True
     n_jacobian_cells: int = 1024
     tol: float = 1e-3
     n_grid: int = 32
@@ -83,7 +90,7 @@ class EMState(NamedTuple):
     loss
         ``(n_genes,)`` weighted sum of squared standardised residuals.
     damping
-        ``(n_genes,)`` Levenberg-Marquardt damping.
+        ``(2, n_genes)`` Levenberg-Marquardt damping of the M-step's plain and projected steps.
     converged
         ``(n_genes,)`` whether the gene met the tolerance in the current stage.
     n_iter
@@ -185,7 +192,7 @@ def init(data: GeneData, theta0) -> EMState:
         theta=theta0,
         t=t,
         loss=loss,
-        damping=jnp.full(n_genes, 1e-2, theta0.dtype),
+        damping=jnp.full((2, n_genes), 1e-2, theta0.dtype),
         converged=jnp.zeros(n_genes, bool),
         n_iter=jnp.zeros(n_genes, jnp.int32),
     )
@@ -216,14 +223,15 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=Tru
     """
 
     def update():
-        theta, damping, _ = levenberg_marquardt(state.theta, state.damping, state.loss, state.t, data, config.n_lm)
-        return theta, damping
+        theta, damping, _, t = levenberg_marquardt(state.theta, state.damping, state.loss, state.t, data, config.n_lm,
+                                                  move_times=config.move_times)
+        return theta, damping, t
 
     if m_step is True:
-        theta, damping = update()
+        theta, damping, t_m = update()
     else:
-        theta, damping = jax.lax.cond(m_step, update, lambda: (state.theta, state.damping))
-    t, loss = e_step(theta, state.t, data, exact, config, full)
+        theta, damping, t_m = jax.lax.cond(m_step, update, lambda: (state.theta, state.damping, state.t))
+    t, loss = e_step(theta, t_m, data, exact, config, full)
     active = ~state.converged
     gain = (state.loss - loss) / jnp.maximum(state.loss, 1e-300)
     keep = active[None, :]
@@ -231,7 +239,7 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=Tru
         theta=jnp.where(keep, theta, state.theta),
         t=jnp.where(keep, t, state.t),
         loss=jnp.where(active, loss, state.loss),
-        damping=jnp.where(active, damping, state.damping),
+        damping=jnp.where(keep, damping, state.damping),
         converged=state.converged | (gain < config.tol),
         n_iter=state.n_iter + active.astype(jnp.int32),
     )
@@ -388,7 +396,7 @@ def timing_carry(theta, t_prev, max_iter: int) -> EMCarry:
     """
     width = theta.shape[1]
     zeros = np.zeros(width, theta.dtype)
-    state = EMState(theta, t_prev, zeros, zeros, np.zeros(width, bool), np.zeros(width, np.int32))
+    state = EMState(theta, t_prev, zeros, np.zeros((2, width), theta.dtype), np.zeros(width, bool), np.zeros(width, np.int32))
     return EMCarry(np.int32(0), np.bool_(True), np.int32(0), state, np.zeros((max_iter + 1, width), theta.dtype))
 
 

@@ -32,8 +32,8 @@ DEFAULT_CONFIG = EMConfig()
 #: Default memory budget of one chunk's working set, in bytes (2 GiB).
 DEFAULT_MEMORY_BYTES = 2 * 1024**3
 #: float64 arrays of ``n_sample x width`` the compiled program holds, with its arguments (model;
-#: XLA's accounting: 51 at 1,024 x 64, 56 since the curve is computed once into buffers).
-XLA_ARRAYS = 48
+#: XLA's accounting: 43 at 1,024 x 64 and x 256 before the M-step's projected step, 57 with it).
+XLA_ARRAYS = 60
 #: float64 arrays of ``n_cells x width`` held on the host by one chunk (model; see module doc).
 HOST_ARRAYS = 14
 #: Every chunk holds at least this many genes (a ``(n_cells, 1)`` chunk rounds differently).

@@ -111,7 +111,7 @@ def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:
         return jax.ShapeDtypeStruct(shape, dtype)
 
     state = EMState(
-        theta=spec((5, width)), t=spec((n_sample, width)), loss=spec((width,)), damping=spec((width,)),
+        theta=spec((5, width)), t=spec((n_sample, width)), loss=spec((width,)), damping=spec((2, width)),
         converged=spec((width,), jnp.bool_), n_iter=spec((width,), i32),
     )
     return EMCarry(spec((), i32), spec((), jnp.bool_), spec((), i32), state, spec((config.max_iter + 1, width)))

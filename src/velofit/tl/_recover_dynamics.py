@@ -120,7 +120,7 @@ def recover_dynamics(
         ``align_dynamics``); rates are divided by the same factor.
     chunk_size
         Genes per compiled chunk (padded to at least 2); default: the widest chunk whose
-        working set fits ``memory_budget``. Results do not depend on it.
+        working set fits ``memory_budget``. Results do not depend on it (beyond the last bits).
     memory_budget
         Memory one chunk of genes may use, in bytes or as a string (``"2GB"``, ``"512MiB"``);
         default 2 GiB when ``chunk_size`` is ``None``. It bounds the fit's working set: the
