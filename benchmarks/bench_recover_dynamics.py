@@ -57,7 +57,7 @@ FIT_VAR_KEYS = ("fit_alpha", "fit_beta", "fit_gamma", "fit_t_", "fit_scaling", "
 # --------------------------------------------------------------------------------------------
 
 
-def simulate(n_obs: int, n_vars: int, seed: int = 0):
+def simulate(n_obs: int, n_vars: int, seed: int = 0, noise_level: float = 1):
     """scVelo's simulation with per-gene log-normal rates and uniform switching fractions."""
     import scvelo as scv
 
@@ -74,7 +74,7 @@ def simulate(n_obs: int, n_vars: int, seed: int = 0):
         gamma=list(gamma),
         switches=list(switches),
         t_max=20,
-        noise_level=1,
+        noise_level=noise_level,
         random_seed=seed,
     )
     adata.layers["Ms"] = np.asarray(adata.layers["spliced"], dtype=float).copy()
