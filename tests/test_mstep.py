@@ -180,3 +180,19 @@ def test_levenberg_marquardt_genes_are_independent():
     np.testing.assert_array_equal(got[2][0], ref[2][0])
     np.testing.assert_array_equal(got[1][:, 0], ref[1][:, 0])
     np.testing.assert_array_equal(got[3][:, 0], ref[3][:, 0])
+
+
+def test_curve_tangent_is_the_time_derivative_of_the_residuals():
+    """The projected step's tangent, read from the residuals, equals d r / dt by autodiff
+    (off the switch, where the derivative is one-sided)."""
+    from velofit.core.mstep import _curve_tangent
+
+    theta, t, data = _noisy()
+    theta = jnp.asarray(theta) + 0.1
+    t_ = np.exp(np.asarray(theta[3]))
+    t = jnp.asarray(np.where(np.abs(np.asarray(t) - t_) < 1e-6, np.asarray(t) + 1e-3, np.asarray(t)))
+    with jax.enable_x64(True):
+        (ru, rs), (du, ds) = jax.jvp(lambda tt: residuals(theta, tt, data), (t,), (jnp.ones_like(t),))
+        tu, ts = _curve_tangent(theta, t, ru, rs, data)
+    np.testing.assert_allclose(np.asarray(tu), np.asarray(du), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(ts), np.asarray(ds), rtol=1e-9, atol=1e-9)
