@@ -8,7 +8,8 @@ compiled program of the per-gene fit. All arrays carry a gene axis; nothing loop
 
 Monotonicity: the M-step keeps only improving steps (with the times it moved), and the
 E-step keeps, per cell, the better of the proposed time and the M-step's one. So every
-gene's loss is non-increasing in every iteration, including the explicit ones (whose closed-form times are not minimisers).
+gene's loss is non-increasing in every iteration, including the explicit ones (whose
+closed-form times are not minimisers).
 """
 
 from __future__ import annotations
