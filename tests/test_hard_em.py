@@ -200,6 +200,24 @@ def test_chunked_fit_equals_one_gene_at_a_time_to_rounding():
     _compare_values(alone, both)
 
 
+def test_a_last_bit_change_of_the_input_does_not_change_the_fit():
+    """Rounding-level noise in the input stays rounding-level in the fit.
+
+    Cells whose nearest point is the switch (the curve's corner) sit at a kink of the
+    residuals, where the Jacobian is the induction side's or the repression side's; the
+    M-step puts them exactly at ``t_`` so that the last bits of ``t - t_`` cannot choose.
+    Without that, on these data (10% noise) a 1e-13 relative perturbation changed 12 of 20
+    genes by more than 1e-6 relative, one by 99%; with it, at most 1.6e-10.
+    """
+    mu, ms, _, _ = simulate(noise=0.1, seed=3)
+    rng = np.random.default_rng(1)
+    a = fit_genes(mu, ms)
+    b = fit_genes(mu * (1 + 1e-13 * rng.standard_normal(mu.shape)), ms * (1 + 1e-13 * rng.standard_normal(ms.shape)))
+    assert (a.status == "ok").all() and (b.status == "ok").all()
+    for name in ("alpha", "beta", "gamma", "t_", "scaling", "loss"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-8, err_msg=name)
+    np.testing.assert_array_equal(a.n_iter, b.n_iter)
+
 def test_padded_chunk_equals_full_chunk():
     """25 genes in chunks of 20: the second chunk (5 genes) is padded to 20 by repetition.
 
@@ -351,8 +369,9 @@ def test_regrouped_rounds_equal_one_uninterrupted_run(move_times):
     np.testing.assert_allclose(pool.theta, np.asarray(state.theta), **last_bits)
     np.testing.assert_allclose(pool.loss, np.asarray(state.loss), **last_bits)
     np.testing.assert_allclose(pool.trace, np.asarray(trace), **last_bits)
-    # A last-bit difference can flip a Newton step's acceptance, which moves a time further.
-    np.testing.assert_allclose(pool.t, np.asarray(state.t), rtol=1e-5 if move_times else 1e-9, atol=1e-12)
+    # A last-bit difference can flip a Newton step's acceptance, which moves a time further
+    # (measured with times held: 20 of 10,000 times by up to 5.6e-9 relative).
+    np.testing.assert_allclose(pool.t, np.asarray(state.t), rtol=1e-5 if move_times else 1e-7, atol=1e-12)
     np.testing.assert_array_equal(pool.n_iter, n_iter)
     np.testing.assert_array_equal(pool.converged, np.asarray(state.converged))
     assert pool.done.all()

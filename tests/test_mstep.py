@@ -196,3 +196,25 @@ def test_curve_tangent_is_the_time_derivative_of_the_residuals():
         tu, ts = _curve_tangent(theta, t, ru, rs, data)
     np.testing.assert_allclose(np.asarray(tu), np.asarray(du), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(np.asarray(ts), np.asarray(ds), rtol=1e-9, atol=1e-9)
+
+
+def test_cells_at_the_switch_take_one_side_whatever_their_last_bits():
+    """A cell at the switch ``t_`` (the curve's corner, where the residuals are kinked) gives the
+    same M-step whether rounding left its time at, just before or just after ``t_``
+    (``on_switch``); otherwise its Jacobian is the induction or the repression side's."""
+    theta_true, t, data = _problem(noise=0.1)
+    data = data._replace(sample=jnp.arange(N_CELLS))  # every row: projected steps too
+    theta = jnp.asarray(theta_true) + 0.15
+    t_switch = np.exp(np.asarray(theta[3]))
+    corner = np.zeros((N_CELLS, N_GENES), bool)
+    corner[::10] = True  # 30 cells of each gene at the corner
+    fits = []
+    for toward in (t_switch, np.zeros(N_GENES), np.full(N_GENES, np.inf)):
+        times = np.where(corner, np.nextafter(t_switch, toward)[None, :], np.asarray(t))
+        times = jnp.asarray(times)
+        out = _lm_jit(theta, _damping(1e-2), _loss(theta, times, data), times, data, 2)
+        fits.append([np.asarray(x) for x in out])
+    assert not np.array_equal(fits[0][0], np.asarray(theta)), "the M-step should move the parameters"
+    for other in fits[1:]:
+        for a, b in zip(fits[0], other, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)

@@ -128,7 +128,13 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
     cell's residuals without its component along the curve's tangent ``j_t = d r / dt``
     (what re-timing the cell absorbs), and each cell's time moved by its first-order response
     ``-(j_t . J delta) / |j_t|^2`` where that brings the cell nearer. Cells at ``t = 0`` or at
-    the switch (the curve's corner) are pinned: they cannot slide. The projected step is
+    the switch (the curve's corner) are pinned: they cannot slide. The residuals are kinked
+    at the corner (the induction and the repression branch meet there), so the cells the
+    E-step put there, within rounding of ``t_``, are first set to ``t_`` exactly
+    (:func:`on_switch`): otherwise the last bits of ``t - t_`` chose each one's side of the
+    kink, hence its Jacobian, and a relative perturbation of 1e-13 of the input changed 108
+    of 256 genes by more than 1e-3 (3,000 cells, 10% noise; a GPU's fit differed from the
+    CPU's as much); now none by 1e-6. The projected step is
     taken where it lowers the gene's loss, else the plain step (times held) where that does;
     far from the optimum, where the linear response fails, the plain step does the work.
     Each kind of step has its own damping. Measured on scVelo's simulator (2,000 x 200,
@@ -176,6 +182,7 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
     ``(theta, damping, loss, t)`` after the steps; ``loss`` is elementwise ``<=`` the input.
     """
     n_genes = theta.shape[1]
+    t = on_switch(t, theta)
     eye = jnp.eye(N_PARAMS, dtype=theta.dtype)
     basis = jnp.broadcast_to(eye[:, :, None], (N_PARAMS, N_PARAMS, n_genes))
     rows = data.sample
@@ -274,6 +281,27 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
     lin = jax.tree.map(jnp.zeros_like, jax.eval_shape(jacobian, theta, t))
     theta, t, damping, loss, _ = jax.lax.fori_loop(0, n_steps, one_step, (theta, t, damping, loss, lin))
     return theta, damping, loss, t
+
+
+def on_switch(t, theta):
+    """The times, with those within ``1e-12`` (relative) of the switching time set to it exactly.
+
+    At ``t == t_`` a cell is on the repression branch at ``tau = 0``, whatever rounding
+    left it a little before or after the switch.
+
+    Parameters
+    ----------
+    t
+        ``(n_cells, n_genes)`` absolute times.
+    theta
+        ``(5, n_genes)`` log-parameters.
+
+    Returns
+    -------
+    ``(n_cells, n_genes)`` times.
+    """
+    t_ = jnp.exp(theta[3])
+    return jnp.where(jnp.abs(t - t_) <= 1e-12 * t_, t_, t)
 
 
 def _adapt(damping, improved):
