@@ -7,10 +7,14 @@ relative difference of the five parameters and the ratio of the losses:
 - ``--perturb``: the second fit's input is multiplied by ``1 + 1e-13 * N(0, 1)`` (same device);
 - ``--device gpu``: the second fit runs on the CPU, the first on the GPU (same input).
 
+``--pancreas PATH`` fits pancreas_739's 2,000 genes (preprocessed as
+``bench_recover_dynamics.py`` does) instead of simulated data.
+
 A fit that amplifies rounding into different optima shows genes above 1e-3 here.
 
     python benchmarks/reproducibility.py --perturb
     python benchmarks/reproducibility.py --device gpu
+    python benchmarks/reproducibility.py --perturb --pancreas ../shared/data/pancreas_739.h5ad
 """
 
 from __future__ import annotations
@@ -45,10 +49,20 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="the first fit's device; with 'gpu' the second is the CPU")
     parser.add_argument("--perturb", action="store_true", help="perturb the second fit's input by 1e-13")
+    parser.add_argument("--pancreas", type=Path, default=None, help="pancreas_739.h5ad instead of simulated data")
     args = parser.parse_args(argv)
     from velofit.core.fit import fit_genes
 
-    mu, ms = (x.astype(np.float64) for x in simulate(args.cells, args.genes, seed=args.seed))
+    if args.pancreas:
+        from bench_recover_dynamics import preprocess_pancreas
+
+        adata = preprocess_pancreas(args.pancreas)[0]
+        mu, ms = (np.asarray(adata.layers[k].toarray() if hasattr(adata.layers[k], "toarray") else adata.layers[k],
+                             dtype=np.float64) for k in ("Mu", "Ms"))
+        data = f"pancreas_739 ({mu.shape[0]} x {mu.shape[1]})"
+    else:
+        mu, ms = (x.astype(np.float64) for x in simulate(args.cells, args.genes, seed=args.seed))
+        data = f"{args.cells} x {args.genes}"
     first = fit_genes(mu, ms, device=args.device, progress=None)
     if args.perturb:
         rng = np.random.default_rng(5)
@@ -56,7 +70,7 @@ def main(argv=None) -> None:
         ms = ms * (1 + 1e-13 * rng.standard_normal(ms.shape))
     second = fit_genes(mu, ms, device="cpu", progress=None)
     what = f"{args.device} vs cpu" + (", input perturbed by 1e-13" if args.perturb else "")
-    print(compare(first, second, f"{what} on {args.cells} x {args.genes}"))
+    print(compare(first, second, f"{what} on {data}"))
 
 
 if __name__ == "__main__":

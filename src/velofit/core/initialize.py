@@ -12,6 +12,11 @@ import numpy as np
 
 #: Cells above this percentile of a gene's nonzero values are left out of the fit (scVelo: 99).
 WEIGHT_PERCENTILE = 99.0
+#: A cell is within a bound (or at least at a quantile) up to this relative excess: values
+#: tied at the bound stay together whatever rounding did to them (a 1e-13 relative
+#: perturbation of pancreas_739's moments moved cells tied at the 99th percentile out of the
+#: fit of 29 genes).
+BOUND_RTOL = 1e-9
 #: Extreme quantile of spliced used for the steady-state regression (scVelo: 98).
 STEADY_PERCENTILE = 98.0
 #: Smallest induction log-argument used to place the initial switch (keeps t_ finite).
@@ -147,7 +152,9 @@ def _largest_sorted_full(x: np.ndarray, mask: np.ndarray, k: int) -> np.ndarray:
 def fitting_cells(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """The cells each gene is fitted on: both moments positive and neither above its bound.
 
-    Elementwise, so the mask does not depend on the arrays' memory layout.
+    Elementwise, so the mask does not depend on the arrays' memory layout. "Above" allows
+    :data:`BOUND_RTOL` of relative excess, so that rounding cannot split values tied at the
+    bound.
 
     Parameters
     ----------
@@ -160,7 +167,8 @@ def fitting_cells(mu: np.ndarray, ms: np.ndarray, bounds: np.ndarray) -> np.ndar
     -------
     ``(n_cells, n_genes)`` boolean mask.
     """
-    return (mu > 0) & (ms > 0) & (mu <= bounds[0]) & (ms <= bounds[1])
+    limit = bounds * (1.0 + BOUND_RTOL)
+    return (mu > 0) & (ms > 0) & (mu <= limit[0]) & (ms <= limit[1])
 
 
 def gene_statistics(mu: np.ndarray, ms: np.ndarray) -> GeneStatistics:
@@ -217,8 +225,9 @@ def initial_parameters(mu: np.ndarray, ms: np.ndarray, stats: GeneStatistics) ->
     std_s = np.where(stats.std_s > 0, stats.std_s, 1.0)
     scaling = np.where((stats.std_u > 0) & (stats.std_s > 0), stats.std_u / std_s, 1.0)
     u = mu / scaling
-    top_s = w & (ms >= masked_quantile(ms, w, STEADY_PERCENTILE))
-    top_u = w & (u >= masked_quantile(u, w, STEADY_PERCENTILE))
+    # (at or above the quantile, up to BOUND_RTOL: rounding cannot split values tied there)
+    top_s = w & (ms >= masked_quantile(ms, w, STEADY_PERCENTILE) * (1.0 - BOUND_RTOL))
+    top_u = w & (u >= masked_quantile(u, w, STEADY_PERCENTILE) * (1.0 - BOUND_RTOL))
     ss = (top_s * ms * ms).sum(axis=0)
     gamma = (top_s * u * ms).sum(axis=0) / np.where(ss > 0, ss, 1.0) + 1e-6
     gamma = np.where(gamma < 0.05 / scaling, gamma * 1.2, gamma)
