@@ -218,9 +218,8 @@ def levenberg_marquardt(theta, damping, loss, t, data: GeneData, n_steps: int, j
         if not move_times:
             return wju, wjs, jtj, ru, rs
         tu, ts = _curve_tangent(theta, sub_t, ru, rs, sub)
-        # A cell at t = 0 or at the switch (the curve's corner) cannot slide: pinned.
-        t_ = jnp.exp(theta[3])
-        free = (sub_t > 0) & (jnp.abs(sub_t - t_) > 1e-12 * t_)
+        # A cell at t = 0 or at the switch (the curve's corner; exactly, since on_switch) cannot slide: pinned.
+        free = (sub_t > 0) & (sub_t != jnp.exp(theta[3]))
         tu, ts = jnp.where(free, tu, 0.0), jnp.where(free, ts, 0.0)
         norm = tu * tu + ts * ts
         slide = (tu * ju + ts * js) / jnp.maximum(norm, 1e-12 * (1.0 + jnp.max(norm, axis=0)))  # d t_i / d theta_k
