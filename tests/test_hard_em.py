@@ -277,7 +277,9 @@ def test_all_genes_degenerate():
 
 def test_exact_throughout_and_max_iter():
     mu, ms, t_true, _ = simulate()
-    config = EMConfig(n_explicit=0, max_iter=6)
+    # The hard EM's own last assignment (the learned time prior would move cells off their
+    # nearest points on purpose: tests/test_time_prior.py).
+    config = EMConfig(n_explicit=0, max_iter=6, time_prior=False)
     fit = fit_genes(mu, ms, config)
     assert np.all(fit.status == "ok")
     assert np.all(fit.n_iter <= config.max_iter) and np.all(fit.n_iter >= 1)
@@ -425,7 +427,8 @@ def test_final_branch_of_the_fit_program_is_the_time_assignment():
 
 def test_a_fit_compiles_one_program(monkeypatch):
     """The EM's start, its iterations and the last pass are branches of one program: a new
-    shape costs one compilation (each took seconds of a small fit's time as its own)."""
+    shape costs one compilation (each took seconds of a small fit's time as its own), plus
+    the two small kernels of the learned time prior (velofit.core.time_prior)."""
     from velofit.core import compile_cache
 
     asked = []
@@ -434,7 +437,10 @@ def test_a_fit_compiles_one_program(monkeypatch):
     mu, ms, _, _ = simulate()
     fit = fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5), chunk_size=7)  # a shape no other test uses
     assert fit.fitted.all()
-    assert len(asked) == 1
+    assert [f.__name__ for f in asked] == ["fit_step", "_learn_prior_jit", "_prior_times_jit"]
+    asked.clear()
+    fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5, time_prior=False), chunk_size=7)
+    assert asked == []  # the EM's program does not depend on the time prior
 
 
 def _fit_from(monkeypatch, start, config):

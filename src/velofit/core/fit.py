@@ -61,6 +61,7 @@ from .memory import (
 )
 from .mstep import GeneData
 from .programs import fit_program, program_rows
+from .time_prior import assign_prior_times
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "ChunkFit", "GeneFit", "default_chunk_size", "fit_chunk", "fit_columns", "fit_genes"]
 
@@ -601,6 +602,10 @@ def finish_chunk(
         )
         t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
                                 config, target, threads)
+        if config.time_prior:
+            loss_ok = np.asarray(loss)[: ok.size]
+            t = assign_prior_times(theta, (mu, ms, weights), ok, scales[0][ok], scales[1][ok], loss_ok, sample,
+                                   target, width)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
 
     finite = np.all(np.isfinite(theta), axis=0) & np.all(np.isfinite(t), axis=0) & np.isfinite(loss)

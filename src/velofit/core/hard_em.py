@@ -66,6 +66,11 @@ class EMConfig(NamedTuple):
         from its previous one by Newton steps within its phase
         (:func:`~velofit.core.exact_time.local_times`), several times cheaper. ``1`` searches
         every time. Every fit ends with a full search (:func:`assign_times`).
+    time_prior
+        After the fit, time every cell under each gene's learned time prior
+        (:mod:`velofit.core.time_prior`: the nearest point within the branch of the curve
+        the prior's posterior chooses) instead of at its nearest point. The parameters and
+        the loss are the hard EM's either way.
     """
 
     max_iter: int = 20
@@ -77,6 +82,7 @@ class EMConfig(NamedTuple):
     n_grid: int = 32
     n_newton: int = 2
     full_every: int = 4
+    time_prior: bool = True
 
 
 class EMState(NamedTuple):

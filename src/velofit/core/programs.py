@@ -86,7 +86,9 @@ def fit_program(n_rows: int, width: int, config: EMConfig, device: jax.Device) -
     flag = jax.ShapeDtypeStruct((), jnp.bool_)
     args = (carry_spec(n_rows, width, config), _gene_data(n_rows, width), jax.ShapeDtypeStruct((5, width), jnp.float64),
             flag, flag)
-    return compiled(fit_step_jit, args, static={"config": config, "n_steps": ADVANCE_STEPS}, device=device)
+    # The time prior runs after this program (velofit.core.time_prior): one executable serves both settings.
+    em_only = config._replace(time_prior=EMConfig._field_defaults["time_prior"])
+    return compiled(fit_step_jit, args, static={"config": em_only, "n_steps": ADVANCE_STEPS}, device=device)
 
 
 def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:

@@ -99,7 +99,17 @@ def recover_dynamics(
         ``"hard"`` or ``"soft"`` (posterior over a time grid, MODEL.md section 5; needs
         ``time="shared"``).
     prior
-        ``"learned"`` or ``"uniform"`` time prior of the shared-time fit.
+        Time prior: ``"learned"`` or ``"uniform"``. Of the shared-time fit, or, per gene: with
+        ``"learned"`` every cell's ``fit_t`` is the nearest point of the branch of the curve
+        chosen by its posterior under each gene's learned distribution of cells over time
+        (:mod:`velofit.core.time_prior`; it settles cells the nearest point places
+        arbitrarily, e.g. near the origin, where the start of induction and the end of
+        repression meet); with ``"uniform"`` it is the nearest point of the whole curve, as
+        scVelo's projection. The parameters are the hard EM's either way (only their time
+        units follow the clock's span, ``t_max``). On scVelo's simulator, 2,000 cells x 200
+        genes, the median per-gene Spearman of ``fit_t`` with the true time was 0.888 with
+        ``"learned"``, 0.865 with ``"uniform"`` and 0.873 for scVelo at noise level 1
+        (0.987, 0.975, 0.977 at 0.3; ``benchmarks/noise_sweep.py``).
     var_names
         Genes to fit: ``None``/``"all"`` (default), a boolean ``var`` column name, a list of
         names or a boolean mask.
@@ -218,7 +228,7 @@ def recover_dynamics(
     genes = resolve_var_names(adata, var_names)
     read_ms, read_mu = layer_readers(adata, (spliced_layer, unspliced_layer), genes)
 
-    config = EMConfig(max_iter=max_iter, n_explicit=n_explicit, tol=tol)
+    config = EMConfig(max_iter=max_iter, n_explicit=n_explicit, tol=tol, time_prior=prior == "learned")
     # The times are stored as float32 (as the layers they become): the fit's largest array.
     times = np.empty((adata.n_obs, genes.size), dtype=LAYER_DTYPE)
     with tqdm(total=genes.size, unit="gene", disable=not progress, desc="recover_dynamics") as bar:
@@ -239,6 +249,7 @@ def recover_dynamics(
         "n_explicit": n_explicit,
         "tol": tol,
         "t_max": t_max,
+        "prior": prior,
         "seed": seed,
         "n_fitted": int(fit.fitted.sum()),
         "loss_per_iteration": np.nansum(fit.trace[:, fit.fitted], axis=1),
