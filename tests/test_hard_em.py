@@ -277,8 +277,8 @@ def test_all_genes_degenerate():
 
 def test_exact_throughout_and_max_iter():
     mu, ms, t_true, _ = simulate()
-    # The hard EM's own last assignment (the learned time prior would move cells off their
-    # nearest points on purpose: tests/test_time_prior.py).
+    # The hard EM's own last assignment (the learned time prior, off by default, would move
+    # cells off their nearest points on purpose: tests/test_time_prior.py).
     config = EMConfig(n_explicit=0, max_iter=6, time_prior=False)
     fit = fit_genes(mu, ms, config)
     assert np.all(fit.status == "ok")
@@ -437,10 +437,11 @@ def test_a_fit_compiles_one_program(monkeypatch):
     mu, ms, _, _ = simulate()
     fit = fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5), chunk_size=7)  # a shape no other test uses
     assert fit.fitted.all()
-    assert [f.__name__ for f in asked] == ["fit_step", "_learn_prior_jit", "_prior_times_jit"]
+    assert [f.__name__ for f in asked] == ["fit_step"]
     asked.clear()
-    fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5, time_prior=False), chunk_size=7)
-    assert asked == []  # the EM's program does not depend on the time prior
+    fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5, time_prior=True), chunk_size=7)
+    # The EM's program does not depend on the time prior; the prior adds its two kernels.
+    assert [f.__name__ for f in asked] == ["_learn_prior_jit", "_prior_times_jit"]
 
 
 def _fit_from(monkeypatch, start, config):

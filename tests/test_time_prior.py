@@ -130,12 +130,13 @@ def test_the_learned_prior_orders_noisy_cells_better_than_the_nearest_point():
     # prior); seeds 4-7 gained 0.002-0.027 (noise 0.05-0.1), never lost.
     data = vf.datasets.simulate(n_obs=800, n_vars=24, seed=3, noise=0.1)
     true_t = data.obs["true_t"].to_numpy(float)
-    learned = vf.tl.recover_dynamics(data, progress=False, copy=True)
-    nearest = vf.tl.recover_dynamics(data, prior="uniform", progress=False, copy=True)
+    learned = vf.tl.recover_dynamics(data, prior="learned", progress=False, copy=True)
+    nearest = vf.tl.recover_dynamics(data, progress=False, copy=True)  # per gene, the default is "uniform"
     # The parameters are the hard EM's either way (the rates' units follow each clock's span).
     for fit in (learned, nearest):
         fit.var["ratio"] = fit.var["fit_gamma"] / fit.var["fit_beta"]
     for key in ("ratio", "fit_scaling", "fit_likelihood"):
         np.testing.assert_allclose(learned.var[key].to_numpy(), nearest.var[key].to_numpy(), rtol=1e-12)
     assert learned.uns["recover_dynamics"]["prior"] == "learned"
+    assert nearest.uns["recover_dynamics"]["prior"] == "uniform"
     assert _median_spearman(learned, true_t) > _median_spearman(nearest, true_t) + 0.01
