@@ -56,11 +56,11 @@ def test_smoothing_keeps_mass_within_each_phase():
     np.testing.assert_array_equal(tp.smoothing_matrix(4, 0.0), np.eye(8))
 
 
-def test_grid_covers_both_phases_once():
+def test_grid_is_the_exact_searchs_grid():
     params = _gene(t_=8.0)
     times, spacing = tp.grid_times(params, jnp.asarray([10.0]), 5)
-    np.testing.assert_allclose(np.asarray(times[:, 0]), [0, 1.6, 3.2, 4.8, 6.4, 8, 10.5, 13, 15.5, 18])
-    np.testing.assert_allclose(np.asarray(spacing[:, 0]), [1.6] * 5 + [2.5] * 5)
+    np.testing.assert_allclose(np.asarray(times[:, 0]), [0, 2, 4, 6, 8, 8, 10.5, 13, 15.5, 18])
+    np.testing.assert_allclose(np.asarray(spacing[:, 0]), [2] * 5 + [2.5] * 5)
 
 
 def test_the_prior_learns_where_the_cells_are():
@@ -73,7 +73,7 @@ def test_the_prior_learns_where_the_cells_are():
     log_prior, _ = _fit_prior(params, u, s, tau_max, variance=0.01)
     prior = np.exp(np.asarray(log_prior[:, 0]))
     times = np.asarray(tp.grid_times(params, tau_max, tp.N_GRID)[0][:, 0])
-    assert prior.sum() == pytest.approx(1.0, rel=1e-12)
+    assert prior.sum() == pytest.approx(1.0, rel=1e-6)  # the EM on the prior runs in float32
     late_induction = (times >= 16 / 3 - 0.5) & (times < 8.0)
     assert prior[late_induction].sum() == pytest.approx(0.8, abs=0.05)
     assert prior[times < 4.0].sum() < 0.02
@@ -85,8 +85,9 @@ def test_noise_free_cells_get_their_generating_time():
     t = np.linspace(0.05, 8.0 + float(tau_max[0]), 300)
     u, s = _cells(params, t, 0.0)
     log_prior, std = _fit_prior(params, u, s, tau_max, variance=0.0)
+    # (The fit's two Newton steps leave ~1e-3 of the time, as its nearest-point search does.)
     fitted, dist = _times(jnp.asarray(u), jnp.asarray(s), params, tau_max, *std, jnp.asarray([0.0]), log_prior,
-                          n_grid=tp.N_GRID, n_newton=tp.N_NEWTON)
+                          n_grid=tp.N_GRID, n_newton=10)
     np.testing.assert_allclose(np.asarray(fitted[:, 0]), t, atol=1e-6)
     assert float(jnp.max(dist)) < 1e-12
 
@@ -130,13 +131,16 @@ def test_the_learned_prior_orders_noisy_cells_better_than_the_nearest_point():
     # prior); seeds 4-7 gained 0.002-0.027 (noise 0.05-0.1), never lost.
     data = vf.datasets.simulate(n_obs=800, n_vars=24, seed=3, noise=0.1)
     true_t = data.obs["true_t"].to_numpy(float)
-    learned = vf.tl.recover_dynamics(data, prior="learned", progress=False, copy=True)
-    nearest = vf.tl.recover_dynamics(data, progress=False, copy=True)  # per gene, the default is "uniform"
+    learned = vf.tl.recover_dynamics(data, progress=False, copy=True)  # the default
+    nearest = vf.tl.recover_dynamics(data, prior="uniform", progress=False, copy=True)
     # The parameters are the hard EM's either way (the rates' units follow each clock's span).
     for fit in (learned, nearest):
         fit.var["ratio"] = fit.var["fit_gamma"] / fit.var["fit_beta"]
-    for key in ("ratio", "fit_scaling", "fit_likelihood"):
+    for key in ("ratio", "fit_scaling"):
         np.testing.assert_allclose(learned.var[key].to_numpy(), nearest.var[key].to_numpy(), rtol=1e-12)
     assert learned.uns["recover_dynamics"]["prior"] == "learned"
     assert nearest.uns["recover_dynamics"]["prior"] == "uniform"
     assert _median_spearman(learned, true_t) > _median_spearman(nearest, true_t) + 0.01
+    # Off their nearest points on purpose: the loss at the reported times is a little larger
+    # (per gene not always: the nearest-point search is a grid and two Newton steps).
+    assert learned.var["fit_likelihood"].mean() <= nearest.var["fit_likelihood"].mean()

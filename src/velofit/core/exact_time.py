@@ -94,12 +94,14 @@ def grid_search_phase(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, 
     ``(tau, dist)``: the best grid time and its squared scaled distance (float32), each
     ``(n_cells, n_genes)``.
     """
-    tau, dist, _ = _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid)
+    tau, dist, _, _ = _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid)
     return tau, dist
 
 
-def _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid):
-    """:func:`grid_search_phase`, with the curve's float64 state ``(u, s)`` at the chosen point."""
+def _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s, n_grid, penalty=None):
+    """:func:`grid_search_phase`, with the curve's float64 state ``(u, s)`` at the chosen point and
+    its index; ``penalty`` (non-negative, shaped like the grid: ``(n_grid, ...)``) is added to
+    every grid point's distance before the comparison."""
     index_bits = max(1, (n_grid - 1).bit_length())
     if index_bits > _MAX_INDEX_BITS:
         raise ValueError(f"n_grid must be at most {1 << _MAX_INDEX_BITS}, got {n_grid}")
@@ -123,13 +125,19 @@ def _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s
         return a.reshape((n_groups, _GRID_GROUP) + a.shape[1:])
 
     def search(best, points):
-        gu, gs, k = points
+        gu, gs, k, *extra = points
         eu, es = su[None] - gu, ss[None] - gs
-        bits = jax.lax.bitcast_convert_type(eu * eu + es * es, jnp.int32)
+        value = eu * eu + es * es
+        if extra:
+            value = value + extra[0]
+        bits = jax.lax.bitcast_convert_type(value, jnp.int32)
         return jnp.minimum(best, jnp.min((bits & ~index_mask) | k, axis=0)), None
 
     first = jnp.full(su.shape, jnp.iinfo(jnp.int32).max, jnp.int32)
-    best, _ = jax.lax.scan(search, first, (grouped(grid_su), grouped(grid_ss), grouped(index)))
+    points = (grouped(grid_su), grouped(grid_ss), grouped(index))
+    if penalty is not None:
+        points += (grouped(penalty.astype(jnp.float32)),)
+    best, _ = jax.lax.scan(search, first, points)
     dist = jax.lax.bitcast_convert_type(best & ~index_mask, jnp.float32)
     index = best & index_mask
     tau = spacing * index.astype(u.dtype)
@@ -137,7 +145,7 @@ def _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, std_u, std_s
     # evaluation of the curve).
     state = tuple(jnp.take_along_axis(jnp.broadcast_to(g, (n_grid,) + index.shape), index[None], axis=0)[0]
                   for g in (grid_u, grid_s))
-    return tau, dist, state
+    return tau, dist, state, index
 
 
 def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u, std_s, n_newton, state=None):
@@ -198,12 +206,18 @@ def refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, std_u
     return tau, dist
 
 
-def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n_newton=4):
+def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n_newton=4, penalty=None):
     """Assign each cell the absolute time of its nearest point on the whole trajectory.
 
     Both phases are grid-searched and refined; the nearer refined point wins. (Refining only
     the phase with the nearer grid point fails just after the switch, where the end of
     induction and the start of repression are the same point.)
+
+    With ``penalty``, the search minimises distance plus a penalty per grid point instead
+    (e.g. ``-2 sigma^2 log prior``: the posterior's MAP, :mod:`velofit.core.time_prior`):
+    each phase's best grid point is refined on the distance alone (the nearest point of
+    that branch), and the phase whose refined distance plus its starting point's penalty is
+    smaller wins.
 
     Parameters
     ----------
@@ -217,6 +231,10 @@ def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n
         Residual scales of scaled unspliced and spliced, shape ``(n_genes,)``.
     n_grid, n_newton
         Grid points per phase and Newton refinement steps.
+    penalty
+        Optional ``(2, n_grid, n_genes)`` non-negative penalty of every grid point (induction
+        then repression; grid point ``k`` of a phase is ``tau = k * length / (n_grid - 1)``),
+        in the units of the squared scaled distance.
 
     Returns
     -------
@@ -230,10 +248,14 @@ def exact_times(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid=32, n
     # Both phases at once along a leading axis (induction, repression): one program, half the code.
     u0, s0, alpha_k, length = (jnp.stack([a, b])[:, None, :] for a, b in
                                ((zero, u_), (zero, s_), (alpha, zero), (t_, tau_max)))
-    tau, _, state = _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid)
+    # The penalty as the grid is laid out: (n_grid, phase, 1, genes).
+    grid_penalty = None if penalty is None else jnp.swapaxes(penalty, 0, 1)[:, :, None, :]
+    tau, _, state, index = _nearest_grid_point(u, s, u0, s0, alpha_k, beta, gamma, length, *scales, n_grid,
+                                               grid_penalty)
     radius = length / (n_grid - 1)
     tau, dist = refine_newton(tau, u, s, u0, s0, alpha_k, beta, gamma, length, radius, *scales, n_newton, state)
-    on = dist[0] <= dist[1]
+    score = dist if penalty is None else dist + jnp.take_along_axis(penalty, index, axis=1)
+    on = score[0] <= score[1]
     return jnp.where(on, tau[0], t_ + tau[1]), jnp.where(on, dist[0], dist[1])
 
 

@@ -600,12 +600,15 @@ def finish_chunk(
         std_u, std_s, theta_pad = jax.device_put(
             tuple(np.asarray(a, np.float64) for a in (std_u[pad], std_s[pad], theta_pad)), target
         )
-        t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
-                                config, target, threads)
         if config.time_prior:
-            loss_ok = np.asarray(loss)[: ok.size]
-            t = assign_prior_times(theta, (mu, ms, weights), ok, scales[0][ok], scales[1][ok], loss_ok, sample,
-                                   target, width)
+            # The residual variance of the EM's last iteration, on its iterated cells (losses
+            # never increase: the last is the smallest).
+            variance = np.nanmin(trace, axis=0) / (2.0 * np.maximum(weights[sample][:, ok].sum(axis=0), 1))
+            t, loss = assign_prior_times(theta, (mu, ms, weights), ok, scales[0][ok], scales[1][ok], variance, sample,
+                                         target, width, threads)
+        else:
+            t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
+                                    config, target, threads)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
 
     finite = np.all(np.isfinite(theta), axis=0) & np.all(np.isfinite(t), axis=0) & np.isfinite(loss)

@@ -14,11 +14,12 @@ choices:
    (``pi_j <- mean_i q_ij``, smoothed along each phase and floored so that no time becomes
    impossible), starting from a prior uniform in time. The component likelihoods do not
    change while ``pi`` is learned, so each iteration is two matrix-vector products per gene.
-2. Every cell takes the grid time of highest posterior ``pi_j N(x_i; mu(t_j), sigma^2)``
-   (its MAP) and is refined by safeguarded Newton steps on the distance to the curve from
-   there (:func:`~velofit.core.exact_time.local_times`; per phase, keeping the refined point
-   of higher posterior): the time is the nearest point within the branch of the curve the
-   prior chose (:func:`prior_times`).
+2. In each phase, every cell takes the grid time of highest posterior
+   ``pi_j N(x_i; mu(t_j), sigma^2)`` (the EM's own grid search, with the penalty
+   ``-2 sigma^2 log pi_j`` added to each grid point's distance) and is refined by Newton
+   steps on the distance to the curve; the phase of higher posterior wins
+   (:func:`prior_times`, :func:`~velofit.core.exact_time.exact_times`): the time is the
+   nearest point within the branch of the curve the prior chose.
 
 With a prior uniform in time and a small ``sigma`` this is the nearest point again; the
 learned prior only changes which branch a cell is put on where the data cannot tell, and
@@ -29,6 +30,9 @@ The kinetic parameters are those of the hard EM: this step only reads them.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import lru_cache, partial
 
 import jax
@@ -37,7 +41,7 @@ import numpy as np
 
 from .._io import column_index, padded_columns
 from .compile_cache import compiled
-from .exact_time import local_times
+from .exact_time import exact_times
 from .hard_em import repression_length
 from .kinetics import KineticParams, trajectory
 from .mstep import params_from_log
@@ -46,23 +50,28 @@ from .mstep import params_from_log
 PRIOR_FLOOR = 1e-4
 #: Grid points per phase. On scVelo's simulator (2,000 x 200, noise level 1) 30, 50 and 100
 #: points gave a median time Spearman of 0.893, 0.890 and 0.884 (nearest points: 0.865).
-N_GRID = 50
+N_GRID = 32
 #: EM iterations of the prior (the MAP times changed little after 5: 0.888).
-N_ITER = 30
+N_ITER = 10
 #: Standard deviation, in grid points, of the smoothing of the prior's counts.
 SMOOTHING = 1.0
 #: Newton steps of the refinement from the MAP grid time.
-N_NEWTON = 4
-#: Genes and cells of one call of the kernels: their ``(genes, cells, 2 N_GRID)`` float64
-#: arrays stay at about 26 MB (52 MB for the prior's 1,024 cells), whatever the chunk width.
+N_NEWTON = 2
+#: Genes of one call of the kernels: the prior's ``(genes, 1,024 cells, 2 N_GRID)`` float64
+#: arrays stay at about 52 MB, whatever the chunk width.
 GROUP_GENES = 64
-BLOCK_CELLS = 512
+#: Cells per call of the time assignment (its arrays are ``(cells, genes)``).
+BLOCK_CELLS = 1024
 #: Smallest variance used (a noise-free fit has loss 0: its posterior is its nearest point).
 _MIN_VARIANCE = 1e-30
 
 
 def grid_times(params: KineticParams, tau_max, n_grid: int):
-    """Absolute grid times of both phases: ``n_grid`` in ``[0, t_)``, ``n_grid`` in ``[t_, t_ + tau_max]``.
+    """Absolute grid times of both phases, the grid of :func:`~velofit.core.exact_time.exact_times`.
+
+    Induction ``k * t_ / (n_grid - 1)`` and repression ``t_ + k * tau_max / (n_grid - 1)`` for
+    ``k = 0 .. n_grid - 1`` (the switch is on both: the end of one phase, the start of the
+    other).
 
     Parameters
     ----------
@@ -78,12 +87,11 @@ def grid_times(params: KineticParams, tau_max, n_grid: int):
     ``(times, spacing)``: ``(2 * n_grid, n_genes)`` grid times, induction first, and their
     ``(2 * n_grid, n_genes)`` spacing (the time each grid point stands for).
     """
-    k = jnp.arange(n_grid, dtype=params.t_.dtype)[:, None]
-    induction = k / n_grid * params.t_
-    repression = params.t_ + k / (n_grid - 1) * tau_max
+    k = jnp.arange(n_grid, dtype=params.t_.dtype)[:, None] / (n_grid - 1)
     ones = jnp.ones((n_grid, 1), dtype=params.t_.dtype)
-    spacing = jnp.concatenate([ones * (params.t_ / n_grid), ones * (tau_max / (n_grid - 1))])
-    return jnp.concatenate([induction, repression]), spacing
+    times = jnp.concatenate([k * params.t_, params.t_ + k * tau_max])
+    spacing = jnp.concatenate([ones * (params.t_ / (n_grid - 1)), ones * (tau_max / (n_grid - 1))])
+    return times, spacing
 
 
 @lru_cache(maxsize=8)
@@ -151,24 +159,31 @@ def learn_prior(u, s, params: KineticParams, tau_max, std_u, std_s, variance, *,
     dist, _, spacing = _grid_distances(u, s, params, tau_max, std_u, std_s, n_grid)
     scale = 2.0 * jnp.maximum(variance, _MIN_VARIANCE)[:, None, None]
     # Relative to each cell's best grid point (its largest term is 1: no underflow of the sums).
-    lik = jnp.exp(-(dist - jnp.min(dist, axis=-1, keepdims=True)) / scale)
+    # Float32 from here: the likelihoods lie in (0, 1] and the prior's weights are sums of
+    # 1,024 of them; the EM on them needs no more digits than the prior's smoothing keeps.
+    lik = jnp.exp(-(dist - jnp.min(dist, axis=-1, keepdims=True)) / scale).astype(jnp.float32)
     size = 2 * n_grid
+    smoothing_t = jnp.asarray(smoothing, jnp.float32).T
 
     def update(_, prior):  # prior: (genes, 2 n_grid)
-        evidence = jnp.einsum("gij,gj->gi", lik, prior)
-        counts = prior * jnp.einsum("gij,gi->gj", lik, 1.0 / evidence)
-        smoothed = counts @ smoothing.T
+        evidence = jnp.sum(lik * prior[:, None, :], axis=-1)
+        counts = prior * jnp.sum(lik / evidence[:, :, None], axis=1)
+        smoothed = counts @ smoothing_t
         new = smoothed / jnp.sum(smoothed, axis=1, keepdims=True)
         return (1.0 - PRIOR_FLOOR) * new + PRIOR_FLOOR / size
 
-    uniform = (spacing / jnp.sum(spacing, axis=0)).T
+    uniform = (spacing / jnp.sum(spacing, axis=0)).T.astype(jnp.float32)
     prior = jax.lax.fori_loop(0, n_iter, update, uniform)
-    return jnp.log(prior).T
+    return jnp.log(prior.astype(dist.dtype)).T
 
 
 def prior_times(u, s, params: KineticParams, tau_max, std_u, std_s, variance, log_prior, *, n_grid: int,
                 n_newton: int):
-    """Each cell's time: its MAP grid time under the prior, refined to the nearest point of that branch.
+    """Each cell's time: the nearest point of the branch holding its MAP grid time under the prior.
+
+    The MAP grid point of each phase minimises ``distance - 2 sigma^2 log pi_j``; it is found by
+    :func:`~velofit.core.exact_time.exact_times`' grid search with that penalty and refined
+    by Newton steps on the distance; the phase of higher posterior wins.
 
     Parameters
     ----------
@@ -183,23 +198,9 @@ def prior_times(u, s, params: KineticParams, tau_max, std_u, std_s, variance, lo
     -------
     ``(t, dist)``: ``(n_cells, n_genes)`` absolute times and their squared scaled distances.
     """
-    dist, times, _ = _grid_distances(u, s, params, tau_max, std_u, std_s, n_grid)
-    scale = 2.0 * jnp.maximum(variance, _MIN_VARIANCE)
-    log_post = log_prior.T[:, None, :] - dist / scale[:, None, None]  # (genes, cells, 2 n_grid)
-    refine = partial(local_times, u=u, s=s, params=params, tau_max=tau_max, std_u=std_u, std_s=std_s, n_grid=n_grid,
-                     n_newton=n_newton)
-    # The MAP grid point of each phase, refined within its phase; the refined point of higher
-    # posterior (prior at the starting grid point) wins. (One refinement from the overall MAP
-    # grid point failed on noise-free data where another branch's grid point was nearer than
-    # the true branch's, and just after the switch, which induction's refinement cannot pass.)
-    best = []
-    for phase in (slice(0, n_grid), slice(n_grid, 2 * n_grid)):
-        index = jnp.argmax(log_post[:, :, phase], axis=-1).T + phase.start  # (cells, genes)
-        t, d = refine(jnp.take_along_axis(times, index, axis=0))
-        best.append((t, d, jnp.take_along_axis(log_prior, index, axis=0) - d / scale))
-    (t_on, d_on, score_on), (t_off, d_off, score_off) = best
-    on = score_on >= score_off
-    return jnp.where(on, t_on, t_off), jnp.where(on, d_on, d_off)
+    penalty = -2.0 * jnp.maximum(variance, _MIN_VARIANCE) * log_prior
+    return exact_times(u, s, params, tau_max, std_u, std_s, n_grid=n_grid, n_newton=n_newton,
+                       penalty=penalty.reshape(2, n_grid, -1))
 
 
 def _scaled(theta, mu, std_u):
@@ -217,12 +218,12 @@ def _learn_prior_jit(theta, mu, ms, std_u, std_s, variance, smoothing, *, n_grid
 @partial(jax.jit, static_argnames=("n_grid", "n_newton"))
 def _prior_times_jit(theta, mu, ms, std_u, std_s, variance, log_prior, *, n_grid, n_newton):
     p, u, std_u, tau_max = _scaled(theta, mu, std_u)
-    return prior_times(u, ms, p, tau_max, std_u, std_s, variance, log_prior, n_grid=n_grid, n_newton=n_newton)[0]
+    return prior_times(u, ms, p, tau_max, std_u, std_s, variance, log_prior, n_grid=n_grid, n_newton=n_newton)
 
 
 def assign_prior_times(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], genes: np.ndarray,
-                       std_u: np.ndarray, std_s: np.ndarray, loss: np.ndarray, sample: np.ndarray,
-                       device: jax.Device, width: int) -> np.ndarray:
+                       std_u: np.ndarray, std_s: np.ndarray, variance: np.ndarray, sample: np.ndarray,
+                       device: jax.Device, width: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Every cell's time under each gene's learned prior, for fitted genes (host loop over blocks).
 
     Parameters
@@ -236,9 +237,9 @@ def assign_prior_times(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray, 
         ``(n_genes,)`` sorted positions of the fitted genes in ``arrays``.
     std_u, std_s
         ``(n_genes,)`` residual scales of ``Mu`` and ``Ms``.
-    loss
-        ``(n_genes,)`` hard fit's loss over the fitted cells (nearest points): with their
-        number it gives the residual variance.
+    variance
+        ``(n_genes,)`` residual variance per species of the hard fit (in units of the
+        residual scales): its loss over twice its number of fitted cells.
     sample
         Sorted rows of the cells the prior is learned on (the EM's iterated cells), all of
         them: cells a gene is not fitted on (zeros near the origin, the top percentile) lie
@@ -251,43 +252,64 @@ def assign_prior_times(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray, 
         The fit's compiled chunk width: the kernels run on ``min(width, GROUP_GENES)``
         genes at a time (padded by repeating the first), one shape however many of a chunk's
         genes were fitted, so that a gene's times do not depend on its neighbours, bitwise.
+    threads
+        Blocks of cells timed at once (the result does not depend on it): XLA runs one
+        program at a time per caller (``velofit.core.fit``'s last pass does the same).
 
     Returns
     -------
-    ``(n_cells, n_genes)`` float64 absolute times.
+    ``(t, loss)``: ``(n_cells, n_genes)`` float64 absolute times and the ``(n_genes,)`` sum of
+    the fitted cells' squared scaled distances at them (block sums added in block order).
     """
     mu, ms, weights = arrays
     n_cells, n_genes = mu.shape[0], genes.size
-    count = np.maximum(weights[:, column_index(genes)].sum(axis=0), 1)
-    variance = loss / (2.0 * count)
     smoothing = smoothing_matrix(N_GRID, SMOOTHING)
-    f64 = np.float64
     out = np.empty((n_cells, n_genes))
+    loss = np.zeros(n_genes)
     block = min(BLOCK_CELLS, n_cells)
     width = min(GROUP_GENES, width)
-    for start in range(0, n_genes, width):
-        cols = np.arange(start, min(start + width, n_genes))
+    pending: deque = deque()
 
-        def columns(a, rows=None, n_rows=None, at=cols):
-            values = a if rows is None else a[rows]
-            padded = padded_columns(np.asarray(values, f64), at, width)
-            if n_rows is not None and padded.shape[0] < n_rows:  # repeat the first row
-                padded = np.concatenate([padded, np.repeat(padded[:1], n_rows - padded.shape[0], axis=0)])
-            return padded
+    def collect() -> None:
+        rows, at, n, result = pending.popleft()
+        t, dist = (np.asarray(a)[:n, : at.stop - at.start] for a in (result.result() if isinstance(result, Future)
+                                                                      else result))
+        out[rows, at] = t
+        loss[at] += np.sum(np.where(weights[rows, column_index(genes[at])], dist, 0.0), axis=0)
 
-        per_gene = jax.device_put(tuple(columns(a) for a in (theta, std_u, std_s, variance)), device)
-        sample_rows = jax.device_put(tuple(columns(a, sample, at=genes[cols]) for a in (mu, ms)), device)
-        learn = compiled(_learn_prior_jit, (per_gene[0], *sample_rows, *per_gene[1:], smoothing),
-                         static={"n_grid": N_GRID, "n_iter": N_ITER}, device=device)
-        log_prior = learn(per_gene[0], *sample_rows, *per_gene[1:], jax.device_put(smoothing, device))
-        times = None
-        for first in range(0, n_cells, block):
-            rows = slice(first, min(first + block, n_cells))
-            n = rows.stop - rows.start
-            mu_b, ms_b = jax.device_put(tuple(columns(a, rows, block, genes[cols]) for a in (mu, ms)), device)
-            args = (per_gene[0], mu_b, ms_b, *per_gene[1:], log_prior)
-            if times is None:
+    with ThreadPoolExecutor(threads, thread_name_prefix="velofit-prior") if threads > 1 else nullcontext() as pool:
+        for start in range(0, n_genes, width):
+            cols = np.arange(start, min(start + width, n_genes))
+
+            def columns(a, rows=None, n_rows=None, at=cols):
+                values = a if rows is None else a[rows]
+                padded = padded_columns(np.asarray(values, np.float64), at, width)
+                if n_rows is not None and padded.shape[0] < n_rows:  # repeat the first row
+                    padded = np.concatenate([padded, np.repeat(padded[:1], n_rows - padded.shape[0], axis=0)])
+                return padded
+
+            per_gene = jax.device_put(tuple(columns(a) for a in (theta, std_u, std_s, variance)), device)
+            sample_rows = jax.device_put(tuple(columns(a, sample, at=genes[cols]) for a in (mu, ms)), device)
+            learn = compiled(_learn_prior_jit, (per_gene[0], *sample_rows, *per_gene[1:], smoothing),
+                             static={"n_grid": N_GRID, "n_iter": N_ITER}, device=device)
+            log_prior = learn(per_gene[0], *sample_rows, *per_gene[1:], jax.device_put(smoothing, device))
+            for first in range(0, n_cells, block):
+                rows = slice(first, min(first + block, n_cells))
+                # Gathered here, in this thread (glibc's per-thread heaps: velofit._heap); the
+                # pool only runs the compiled program.
+                mu_b, ms_b = jax.device_put(tuple(columns(a, rows, block, genes[cols]) for a in (mu, ms)), device)
+                args = (per_gene[0], mu_b, ms_b, *per_gene[1:], log_prior)
                 times = compiled(_prior_times_jit, args, static={"n_grid": N_GRID, "n_newton": N_NEWTON},
                                  device=device)
-            out[rows, cols] = np.asarray(times(*args))[:n, : cols.size]
-    return out
+                run = partial(_run_blocking, times, args)
+                pending.append((rows, slice(start, start + cols.size), rows.stop - rows.start,
+                                pool.submit(run) if pool else run()))
+                if len(pending) > threads + 1:  # blocks waiting: memory does not grow with the cells
+                    collect()
+        while pending:
+            collect()
+    return out, loss
+
+
+def _run_blocking(program, args):
+    return jax.block_until_ready(program(*args))

@@ -45,7 +45,7 @@ def recover_dynamics(
     *,
     time: str = "gene",
     em: str = "hard",
-    prior: str | None = None,
+    prior: str = "learned",
     var_names: str | Sequence[str] | np.ndarray | None = None,
     spliced_layer: str = "Ms",
     unspliced_layer: str = "Mu",
@@ -99,19 +99,18 @@ def recover_dynamics(
         ``"hard"`` or ``"soft"`` (posterior over a time grid, MODEL.md section 5; needs
         ``time="shared"``).
     prior
-        Time prior: ``"learned"`` or ``"uniform"``; ``None`` (default): ``"learned"`` for the
-        shared-time fit, ``"uniform"`` per gene. Per gene, with ``"uniform"`` every cell's
-        ``fit_t`` is the nearest point of the gene's curve (as scVelo's projection); with
-        ``"learned"`` it is the nearest point of the branch of the curve chosen by the cell's
-        posterior under the gene's learned distribution of cells over time
-        (:mod:`velofit.core.time_prior`), which settles the cells the nearest point places by
-        chance (near the origin the start of induction and the end of repression meet). The
-        parameters are the hard EM's either way (only their time units follow the clock's
-        span, ``t_max``). On scVelo's simulator, 2,000 cells x 200 genes, the median per-gene
-        Spearman of ``fit_t`` with the true time was 0.885 with ``"learned"``, 0.865 with
-        ``"uniform"`` and 0.873 for scVelo at noise level 1 (0.988, 0.975, 0.986 at 0.3;
-        ``benchmarks/noise_sweep.py``). Not the per-gene default because its kernel is not
-        tuned yet: at 5,000 x 1,000 it added about 12 s to a 4 s fit on 2 cores.
+        Time prior, ``"learned"`` or ``"uniform"``: of the shared-time fit, or, per gene, of
+        every cell's ``fit_t``. With ``"uniform"`` it is the nearest point of the gene's curve
+        (as scVelo's projection); with ``"learned"`` it is the nearest point of the branch of
+        the curve chosen by the cell's posterior under the gene's learned distribution of
+        cells over time (:mod:`velofit.core.time_prior`), which settles the cells the nearest
+        point places by chance (near the origin the start of induction and the end of
+        repression meet). The parameters are the hard EM's either way (only their time
+        units follow the clock's span, ``t_max``). On scVelo's simulator, 2,000 cells x 200
+        genes, the median per-gene Spearman of ``fit_t`` with the true time was 0.887 with
+        ``"learned"``, 0.865 with ``"uniform"`` and 0.873 for scVelo at noise level 1
+        (0.989, 0.975, 0.986 at 0.3; ``benchmarks/noise_sweep.py``), at a few percent of
+        the fit's time.
     var_names
         Genes to fit: ``None``/``"all"`` (default), a boolean ``var`` column name, a list of
         names or a boolean mask.
@@ -188,8 +187,8 @@ def recover_dynamics(
         raise VelofitInputError(f"time must be 'gene' or 'shared', got {time!r}")
     if em not in ("hard", "soft"):
         raise VelofitInputError(f"em must be 'hard' or 'soft', got {em!r}")
-    if prior not in (None, "learned", "uniform"):
-        raise VelofitInputError(f"prior must be 'learned', 'uniform' or None, got {prior!r}")
+    if prior not in ("learned", "uniform"):
+        raise VelofitInputError(f"prior must be 'learned' or 'uniform', got {prior!r}")
     if time == "shared":
         from ._shared import recover_dynamics_shared  # imports this module: load on use
 
@@ -206,10 +205,9 @@ def recover_dynamics(
             )
 
         return recover_dynamics_shared(
-            adata, em=em, prior=prior or "learned", var_names=var_names, spliced_layer=spliced_layer,
+            adata, em=em, prior=prior, var_names=var_names, spliced_layer=spliced_layer,
             unspliced_layer=unspliced_layer, t_max=t_max, seed=seed, progress=progress, copy=copy,
         )
-    prior = prior or "uniform"
     if em == "soft":
         raise VelofitInputError("em='soft' fits a posterior over one shared clock: pass time='shared' with it")
     adata = check_adata(adata, min_obs=MIN_CELLS, what="recover_dynamics")
