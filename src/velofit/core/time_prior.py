@@ -24,7 +24,9 @@ choices:
 With a prior uniform in time and a small ``sigma`` this is the nearest point again; the
 learned prior only changes which branch a cell is put on where the data cannot tell, and
 the change is measured, not assumed (``benchmarks/noise_sweep.py``: on scVelo's simulator,
-median per-gene Spearman of ``fit_t`` with the true time 0.865 -> 0.89 at noise level 1).
+2,000 x 200, median per-gene Spearman of ``fit_t`` with the true time 0.865 -> 0.887 at noise
+level 1, 0.975 -> 0.989 at 0.3, 0.9966 -> 0.9987 at 0.1; scVelo 0.873, 0.986, 0.998). It
+replaces the fit's nearest-point pass over all cells and costs a few percent of the fit.
 The kinetic parameters are those of the hard EM: this step only reads them.
 """
 
@@ -48,14 +50,15 @@ from .mstep import params_from_log
 
 #: Prior mass spread evenly over the grid at every update (no grid time becomes impossible).
 PRIOR_FLOOR = 1e-4
-#: Grid points per phase. On scVelo's simulator (2,000 x 200, noise level 1) 30, 50 and 100
-#: points gave a median time Spearman of 0.893, 0.890 and 0.884 (nearest points: 0.865).
+#: Grid points per phase (as many as the EM's default ``EMConfig.n_grid``). On scVelo's
+#: simulator (2,000 x 200, noise level 1) 32 points with 10 iterations and 50 with 30 gave a
+#: median time Spearman of 0.8875 and 0.8851 (nearest points: 0.865).
 N_GRID = 32
-#: EM iterations of the prior (the MAP times changed little after 5: 0.888).
+#: EM iterations of the prior (10 and 30 gave 0.8846 and 0.8851 at 50 points).
 N_ITER = 10
 #: Standard deviation, in grid points, of the smoothing of the prior's counts.
 SMOOTHING = 1.0
-#: Newton steps of the refinement from the MAP grid time.
+#: Newton steps of the refinement from the MAP grid time (the EM's ``EMConfig.n_newton``).
 N_NEWTON = 2
 #: Genes of one call of the kernels: the prior's ``(genes, 1,024 cells, 2 N_GRID)`` float64
 #: arrays stay at about 52 MB, whatever the chunk width.
