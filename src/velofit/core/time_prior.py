@@ -9,11 +9,13 @@ choices:
 
 1. A grid of ``n_grid`` times per phase (:func:`grid_times`) and, per gene, a Gaussian mixture
    whose components are the curve's points at the grid times, with the variance of the hard
-   fit (``sigma^2 = loss / (2 n)`` per species, in units of the residual scales) and weights
+   EM's last iteration (``sigma^2 = loss / (2 n)`` per species over its iterated cells, in
+   units of the residual scales) and weights
    ``pi_j``: the time prior. :func:`learn_prior` fits ``pi`` by EM on a subset of cells
    (``pi_j <- mean_i q_ij``, smoothed along each phase and floored so that no time becomes
    impossible), starting from a prior uniform in time. The component likelihoods do not
-   change while ``pi`` is learned, so each iteration is two matrix-vector products per gene.
+   change while ``pi`` is learned, so each iteration is two matrix-vector products per gene
+   (in float32).
 2. In each phase, every cell takes the grid time of highest posterior
    ``pi_j N(x_i; mu(t_j), sigma^2)`` (the EM's own grid search, with the penalty
    ``-2 sigma^2 log pi_j`` added to each grid point's distance) and is refined by Newton
