@@ -8,8 +8,10 @@ chunks of genes, each padded to one fixed width (one compilation serves every ch
    subset of at most ``config.n_jacobian_cells``);
 2. the EM of every fittable gene on those cells (:mod:`velofit.core.em_pool`: rounds of a
    few iterations, unfinished genes regrouped into full chunks between rounds);
-3. :func:`finish_chunk`: every cell timed exactly under the fitted parameters, in blocks of
-   cells (:mod:`velofit.core.programs`), and per-gene failures turned into status codes.
+3. :func:`finish_chunk`: every cell timed under the fitted parameters, in blocks of cells:
+   by default at the nearest point of the branch its posterior under the gene's learned time
+   prior chooses (:mod:`velofit.core.time_prior`), else (``config.time_prior=False``) at its
+   nearest point (:mod:`velofit.core.programs`); and per-gene failures turned into status codes.
 
 Each chunk of the input is read twice (passes 1 and 3), never the whole matrix at once.
 On the local backend, pass 1 runs while XLA compiles the EM's program (in a thread), which
@@ -589,17 +591,8 @@ def finish_chunk(
     )
     if ok.size == 0:
         return chunk
-    # Pad to the chunk width by repeating the first fitted gene: one compiled shape.
-    pad = np.concatenate([ok, np.full(width - ok.size, ok[0])])
-    fill = np.full(width - ok.size, 0)
     target = resolve_device(device)
-    t_sample = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
     with jax.enable_x64(True), jax.default_device(target):
-        # Host arrays sent with device_put: jnp.asarray compiles a small program per shape.
-        theta_pad = np.concatenate([theta, theta[:, fill]], axis=1)
-        std_u, std_s, theta_pad = jax.device_put(
-            tuple(np.asarray(a, np.float64) for a in (std_u[pad], std_s[pad], theta_pad)), target
-        )
         if config.time_prior:
             # The residual variance of the EM's last iteration, on its iterated cells (losses
             # never increase: the last is the smallest).
@@ -607,6 +600,15 @@ def finish_chunk(
             t, loss = assign_prior_times(theta, (mu, ms, weights), ok, scales[0][ok], scales[1][ok], variance, sample,
                                          target, width, threads)
         else:
+            # Pad to the chunk width by repeating the first fitted gene: one compiled shape.
+            pad = np.concatenate([ok, np.full(width - ok.size, ok[0])])
+            fill = np.full(width - ok.size, 0)
+            t_sample = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
+            # Host arrays sent with device_put: jnp.asarray compiles a small program per shape.
+            theta_pad = np.concatenate([theta, theta[:, fill]], axis=1)
+            std_u, std_s, theta_pad = jax.device_put(
+                tuple(np.asarray(a, np.float64) for a in (std_u[pad], std_s[pad], theta_pad)), target
+            )
             t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
                                     config, target, threads)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
