@@ -5,9 +5,10 @@ At each ``--noise`` level: scVelo's ``datasets.simulation`` with per-gene log-no
 unspliced``, velofit also with the plain alternation (``EMConfig.move_times=False``: times held
 in every M-step) and with every cell at its nearest point (``prior="uniform"``; the default,
 ``"learned"``, puts it at the nearest point of the branch its posterior under the gene's
-learned time prior chooses, :mod:`velofit.core.time_prior`). Printed per fit: median |gamma/beta error|, its median signed log error,
-median per-gene Spearman(fit_t, true t) and, for velofit, the median of each gene's loss at
-the fit over its loss at the true parameters (both with every cell at its nearest point).
+learned time prior chooses, :mod:`velofit.core.time_prior`). Printed per fit: median
+|gamma/beta error|, its median signed log error, median per-gene Spearman(fit_t, true t)
+and, for velofit, the median of each gene's loss at the fit over its loss at the true
+parameters (both with every cell at its nearest point).
 
 Usage::
 

@@ -128,12 +128,13 @@ def smoothing_matrix(n_grid: int, width: float) -> np.ndarray:
 
 
 def _grid_distances(u, s, params: KineticParams, tau_max, std_u, std_s, n_grid: int):
-    """``(n_genes, n_cells, 2 n_grid)`` squared scaled distances of every cell to every grid point."""
+    """``(n_genes, n_cells, 2 n_grid)`` squared scaled distances of every cell to every grid point,
+    and the grid's spacing (:func:`grid_times`)."""
     times, spacing = grid_times(params, tau_max, n_grid)
     grid_u, grid_s = trajectory(times, params)
     su, ss = (u / std_u).T[:, :, None], (s / std_s).T[:, :, None]
     gu, gs = (grid_u / std_u).T[:, None, :], (grid_s / std_s).T[:, None, :]
-    return (su - gu) ** 2 + (ss - gs) ** 2, times, spacing
+    return (su - gu) ** 2 + (ss - gs) ** 2, spacing
 
 
 def learn_prior(u, s, params: KineticParams, tau_max, std_u, std_s, variance, *, n_grid: int,
@@ -161,7 +162,7 @@ def learn_prior(u, s, params: KineticParams, tau_max, std_u, std_s, variance, *,
     -------
     ``(2 n_grid, n_genes)`` log prior weights (each column sums to 1 in probability).
     """
-    dist, _, spacing = _grid_distances(u, s, params, tau_max, std_u, std_s, n_grid)
+    dist, spacing = _grid_distances(u, s, params, tau_max, std_u, std_s, n_grid)
     scale = 2.0 * jnp.maximum(variance, _MIN_VARIANCE)[:, None, None]
     # Relative to each cell's best grid point (its largest term is 1: no underflow of the sums).
     # Float32 from here: the likelihoods lie in (0, 1] and the prior's weights are sums of
