@@ -339,7 +339,7 @@ def test_regrouped_rounds_equal_one_uninterrupted_run(move_times):
     from velofit.core import em_pool
     from velofit.core.fit import prepare_chunk
     from velofit.core.mstep import GeneData
-    from velofit.core.programs import carry_spec, fit_program
+    from velofit.core.programs import carry_spec, fit_program, no_penalty
 
     mu, ms, _, _ = simulate()
     config, width = EMConfig(max_iter=15, tol=1e-6, move_times=move_times), 3
@@ -355,8 +355,8 @@ def test_regrouped_rounds_equal_one_uninterrupted_run(move_times):
             carry = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), carry_spec(N_CELLS, width, config))
             begin, done = True, np.zeros(width, bool)
             while not done.all():
-                carry, done = program(carry, data, jnp.asarray(prep.theta0[:, pad]), jnp.asarray(begin),
-                                      jnp.asarray(False))
+                carry, done = program(carry, data, jnp.asarray(prep.theta0[:, pad]),
+                                      jnp.asarray(no_penalty(width, config)), jnp.asarray(begin), jnp.asarray(False))
                 begin, done = False, np.asarray(done)
         parts.append(jax.tree.map(lambda a, k=cols.size: np.asarray(a)[..., :k], (carry.state, carry.trace)))
     state, trace = jax.tree.map(lambda *a: np.concatenate(a, axis=-1), *parts)
@@ -421,8 +421,9 @@ def test_final_branch_of_the_fit_program_is_the_time_assignment():
         t_prev = jnp.asarray(t_prev)
         expected_t, expected_loss = jax.jit(hard_em.assign_times, static_argnames="config")(theta, t_prev, data, config)
         carry = hard_em.timing_carry(theta, t_prev, config.max_iter)
-        out, _ = hard_em.fit_step_jit(carry, data, theta, jnp.asarray(False), jnp.asarray(True), config=config,
-                                      n_steps=4)
+        no_penalty = jnp.zeros((2, config.n_grid, theta.shape[1]))
+        out, _ = hard_em.fit_step_jit(carry, data, theta, no_penalty, jnp.asarray(False), jnp.asarray(True),
+                                      config=config, n_steps=4)
     np.testing.assert_array_equal(np.asarray(out.state.theta), np.asarray(theta))
     assert int(out.it) == 1
     # The same arithmetic fused differently: a Newton step's acceptance may flip in the last bits.
@@ -434,7 +435,7 @@ def test_final_branch_of_the_fit_program_is_the_time_assignment():
 def test_a_fit_compiles_one_program(monkeypatch):
     """The EM's start, its iterations and the last pass are branches of one program: a new
     shape costs one compilation (each took seconds of a small fit's time as its own), plus
-    the two small kernels of the learned time prior (velofit.core.time_prior)."""
+    the small program that learns the time prior (velofit.core.time_prior)."""
     from velofit.core import compile_cache
 
     asked = []
@@ -443,9 +444,8 @@ def test_a_fit_compiles_one_program(monkeypatch):
     mu, ms, _, _ = simulate()
     fit = fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5), chunk_size=7)  # a shape no other test uses
     assert fit.fitted.all()
-    # The EM's program serves the last pass too, without the prior (the prior's two kernels
-    # replace that pass).
-    assert [f.__name__ for f in asked] == ["fit_step", "_learn_prior_jit", "_prior_times_jit"]
+    # The EM's program serves the last pass too, under the learned prior's grid penalty.
+    assert [f.__name__ for f in asked] == ["fit_step", "_learn_penalty_jit"]
     asked.clear()
     fit_genes(mu[:, :7], ms[:, :7], EMConfig(max_iter=5, time_prior=False), chunk_size=7)
     assert asked == []  # the EM's program does not depend on the time prior

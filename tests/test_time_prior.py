@@ -17,11 +17,19 @@ from hypothesis import strategies as st
 import velofit as vf
 from velofit.core import time_prior as tp
 from velofit.core.exact_time import exact_times
+from velofit.core.hard_em import EMConfig
 from velofit.core.kinetics import KineticParams, trajectory
 
+#: The fit's grid (EMConfig.n_grid: the prior is learned and searched on it).
+N_GRID = EMConfig().n_grid
 _learn = jax.jit(tp.learn_prior, static_argnames=("n_grid", "n_iter"))
-_times = jax.jit(tp.prior_times, static_argnames=("n_grid", "n_newton"))
 _exact = jax.jit(exact_times, static_argnames=("n_grid", "n_newton"))
+
+
+def _times(u, s, params, tau_max, std_u, std_s, variance, log_prior, *, n_grid, n_newton):
+    """Each cell's time under the prior: the exact search with the prior's grid penalty."""
+    return _exact(u, s, params, tau_max, std_u, std_s, n_grid=n_grid, n_newton=n_newton,
+                  penalty=tp.prior_penalty(variance, log_prior))
 _traj = jax.jit(trajectory)
 
 
@@ -37,9 +45,9 @@ def _cells(params, t, noise, seed=0):
 
 def _fit_prior(params, u, s, tau_max, variance, n_iter=30):
     std = [jnp.asarray([np.std(x)]) for x in (u, s)]
-    smoothing = jnp.asarray(tp.smoothing_matrix(tp.N_GRID, tp.SMOOTHING))
+    smoothing = jnp.asarray(tp.smoothing_matrix(N_GRID, tp.SMOOTHING))
     log_prior = _learn(jnp.asarray(u), jnp.asarray(s), params, tau_max, *std, jnp.asarray([variance]),
-                       n_grid=tp.N_GRID, n_iter=n_iter, smoothing=smoothing)
+                       n_grid=N_GRID, n_iter=n_iter, smoothing=smoothing)
     return log_prior, std
 
 
@@ -72,7 +80,7 @@ def test_the_prior_learns_where_the_cells_are():
     u, s = _cells(params, t, 0.02)
     log_prior, _ = _fit_prior(params, u, s, tau_max, variance=0.01)
     prior = np.exp(np.asarray(log_prior[:, 0]))
-    times = np.asarray(tp.grid_times(params, tau_max, tp.N_GRID)[0][:, 0])
+    times = np.asarray(tp.grid_times(params, tau_max, N_GRID)[0][:, 0])
     assert prior.sum() == pytest.approx(1.0, rel=1e-6)  # the EM on the prior runs in float32
     late_induction = (times >= 16 / 3 - 0.5) & (times < 8.0)
     assert prior[late_induction].sum() == pytest.approx(0.8, abs=0.05)
@@ -87,7 +95,7 @@ def test_noise_free_cells_get_their_generating_time():
     log_prior, std = _fit_prior(params, u, s, tau_max, variance=0.0)
     # (The fit's two Newton steps leave ~1e-3 of the time, as its nearest-point search does.)
     fitted, dist = _times(jnp.asarray(u), jnp.asarray(s), params, tau_max, *std, jnp.asarray([0.0]), log_prior,
-                          n_grid=tp.N_GRID, n_newton=10)
+                          n_grid=N_GRID, n_newton=10)
     np.testing.assert_allclose(np.asarray(fitted[:, 0]), t, atol=1e-6)
     assert float(jnp.max(dist)) < 1e-12
 
@@ -106,11 +114,11 @@ def test_uniform_prior_and_small_variance_give_the_nearest_point(beta, gamma, sw
     t = np.random.default_rng(seed).uniform(0, switch + float(tau_max[0]), 200)
     u, s = _cells(params, t, noise, seed)
     std = [jnp.asarray([np.std(x) + 1e-3]) for x in (u, s)]
-    _, spacing = tp.grid_times(params, tau_max, tp.N_GRID)
+    _, spacing = tp.grid_times(params, tau_max, N_GRID)
     uniform = jnp.log(spacing / jnp.sum(spacing, axis=0))
     fitted, dist = _times(jnp.asarray(u), jnp.asarray(s), params, tau_max, *std, jnp.asarray([1e-8]), uniform,
-                          n_grid=tp.N_GRID, n_newton=8)
-    _, nearest = _exact(jnp.asarray(u), jnp.asarray(s), params, tau_max, *std, n_grid=tp.N_GRID, n_newton=8)
+                          n_grid=N_GRID, n_newton=8)
+    _, nearest = _exact(jnp.asarray(u), jnp.asarray(s), params, tau_max, *std, n_grid=N_GRID, n_newton=8)
     # Times on the curve's searched span, and as near as the exact search.
     fitted = np.asarray(fitted)
     assert np.all((fitted >= 0) & (fitted <= switch + float(tau_max[0]) + 1e-9))

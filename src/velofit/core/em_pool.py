@@ -30,7 +30,7 @@ import numpy as np
 from .._io import column_index, padded_columns
 from .hard_em import EMCarry, EMConfig, EMState
 from .mstep import GeneData
-from .programs import fit_program
+from .programs import fit_program, no_penalty
 
 
 @dataclass
@@ -203,9 +203,11 @@ def em_round(mu, ms, weights, std_u, std_s, theta, t, loss, damping, converged, 
     data = GeneData(f64(mu), f64(ms), f64(weights), f64(std_u), f64(std_s), np.arange(n_sample, dtype=np.int64))
     with jax.enable_x64(True), jax.default_device(device):
         # One device_put of host arrays: jnp.asarray would compile a small program per shape.
-        carry, data, begin, final = jax.device_put((carry, data, np.bool_(not started), np.bool_(False)), device)
+        carry, data, penalty, begin, final = jax.device_put(
+            (carry, data, no_penalty(width, config), np.bool_(not started), np.bool_(False)), device
+        )
         program = fit_program(n_sample, width, config, device)
-        carry, done = program(carry, data, carry.state.theta, begin, final)
+        carry, done = program(carry, data, carry.state.theta, penalty, begin, final)
         st = carry.state
         return {
             "theta": np.asarray(st.theta), "t": np.asarray(st.t), "loss": np.asarray(st.loss),

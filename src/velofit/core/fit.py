@@ -62,8 +62,8 @@ from .memory import (
     plan_width,
 )
 from .mstep import GeneData
-from .programs import fit_program, program_rows
-from .time_prior import assign_prior_times
+from .programs import fit_program, no_penalty, program_rows
+from .time_prior import learn_penalties
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "ChunkFit", "GeneFit", "default_chunk_size", "fit_chunk", "fit_columns", "fit_genes"]
 
@@ -597,20 +597,24 @@ def finish_chunk(
             # The residual variance of the EM's last iteration, on its iterated cells (losses
             # never increase: the last is the smallest).
             variance = np.nanmin(trace, axis=0) / (2.0 * np.maximum(weights[sample][:, ok].sum(axis=0), 1))
-            t, loss = assign_prior_times(theta, (mu, ms, weights), ok, scales[0][ok], scales[1][ok], variance, sample,
-                                         target, width, threads)
+            penalty = learn_penalties(theta, (mu, ms), ok, std_u[ok], std_s[ok], variance, sample, target, width,
+                                      config.n_grid)
+            previous = None  # the MAP branch's nearest point, not the EM's nearest point
         else:
-            # Pad to the chunk width by repeating the first fitted gene: one compiled shape.
-            pad = np.concatenate([ok, np.full(width - ok.size, ok[0])])
-            fill = np.full(width - ok.size, 0)
-            t_sample = np.concatenate([t_sample, t_sample[:, fill]], axis=1)
-            # Host arrays sent with device_put: jnp.asarray compiles a small program per shape.
-            theta_pad = np.concatenate([theta, theta[:, fill]], axis=1)
-            std_u, std_s, theta_pad = jax.device_put(
-                tuple(np.asarray(a, np.float64) for a in (std_u[pad], std_s[pad], theta_pad)), target
-            )
-            t, loss = _assign_times(theta_pad, (t_sample, sample), (mu, ms, weights), ok, std_u, std_s,
-                                    config, target, threads)
+            penalty = no_penalty(ok.size, config)
+            previous = (t_sample, sample)
+        # Pad to the chunk width by repeating the first fitted gene: one compiled shape.
+        pad = np.concatenate([ok, np.full(width - ok.size, ok[0])])
+        fill = np.full(width - ok.size, 0)
+        if previous is not None:
+            previous = (np.concatenate([t_sample, t_sample[:, fill]], axis=1), sample)
+        # Host arrays sent with device_put: jnp.asarray compiles a small program per shape.
+        theta_pad = np.concatenate([theta, theta[:, fill]], axis=1)
+        penalty = np.concatenate([penalty, penalty[:, :, fill]], axis=2)
+        per_gene = jax.device_put(
+            tuple(np.asarray(a, np.float64) for a in (std_u[pad], std_s[pad], theta_pad, penalty)), target
+        )
+        t, loss = _assign_times(per_gene, previous, (mu, ms, weights), ok, config, target, threads)
     theta, t, loss = np.exp(theta), t[:, : ok.size], loss[: ok.size]
 
     finite = np.all(np.isfinite(theta), axis=0) & np.all(np.isfinite(t), axis=0) & np.isfinite(loss)
@@ -664,21 +668,23 @@ def fit_chunk(
                         device=device, threads=threads)
 
 
-def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig, device: jax.Device,
-                  threads: int = 1):
+def _assign_times(per_gene, previous, arrays, cols, config: EMConfig, device: jax.Device, threads: int = 1):
     """Time every cell under the fitted parameters, block by block of one compiled shape.
 
-    ``previous`` is ``(t_sample, sample)``: the ``(n_sample, width)`` times of the iterated
-    cells (sorted rows ``sample``) at the EM's end, which those cells keep unless the search
-    finds nearer points; every other cell has none (``nan``). The iterated cells are timed
-    first, in blocks of their own, then the other cells in order: a block without previous
-    times skips the comparison with them (:func:`velofit.core.hard_em.e_step`; 3.4-3.7
-    against 3.7-4.1 ms per block of 1,024 x 64). ``arrays`` are the chunk's ``(mu, ms,
-    weights)``, read at columns ``cols`` one block at a time and padded to the width by
-    repeating the first column (:func:`_rows_block`). The last block is padded by
-    repeating its first row with weight 0. Returns the ``(n_cells, width)`` times
-    and the ``(width,)`` loss over all cells (block sums added in block order, so it does
-    not depend on the chunk width or on ``threads``).
+    ``per_gene`` is ``(std_u, std_s, theta, penalty)`` on the device, padded to the chunk
+    width: the residual scales, the ``(5, width)`` log-parameters and the ``(2, n_grid,
+    width)`` grid penalty of the search (the learned time prior's, or zeros: the nearest
+    point). ``previous`` is ``None`` or ``(t_sample, sample)``: the ``(n_sample, width)``
+    times of the iterated cells (sorted rows ``sample``) at the EM's end, which those cells
+    keep unless the search finds nearer points; every other cell has none (``nan``). The
+    iterated cells are then timed first, in blocks of their own, then the other cells in
+    order: a block without previous times skips the comparison with them
+    (:func:`velofit.core.hard_em.e_step`; 3.4-3.7 against 3.7-4.1 ms per block of 1,024 x
+    64). ``arrays`` are the chunk's ``(mu, ms, weights)``, read at columns ``cols`` one block
+    at a time and padded to the width by repeating the first column (:func:`_rows_block`).
+    The last block is padded by repeating its first row with weight 0. Returns the
+    ``(n_cells, width)`` times and the ``(width,)`` loss over all cells (block sums added in
+    block order, so it does not depend on the chunk width or on ``threads``).
 
     Blocks are gathered here, in this thread, and run ``threads`` at a time in a thread pool
     that only calls the compiled program: XLA runs one program at a time per caller and uses
@@ -686,8 +692,8 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
     genes: 6.6 ms per block alone, 4.3 ms with two callers). Host arrays are allocated in
     this thread only (glibc's per-thread heaps: :mod:`velofit._heap`).
     """
-    t_sample, sample = previous
-    n_cells, width = arrays[0].shape[0], t_sample.shape[1]
+    std_u, std_s, theta, penalty = per_gene
+    n_cells, width = arrays[0].shape[0], theta.shape[1]
     block = program_rows(n_cells, config)
     program = fit_program(block, width, config, device)
     t = np.empty((n_cells, width))
@@ -709,13 +715,13 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
         loss[:] += np.asarray(out.state.loss)
 
     def launch(t_block, data):
-        return program(carry._replace(state=carry.state._replace(t=t_block)), data, theta, begin, final)
+        return program(carry._replace(state=carry.state._replace(t=t_block)), data, theta, penalty, begin, final)
 
     def run(t_block, data):
         return jax.block_until_ready(launch(t_block, data))
 
     with ThreadPoolExecutor(threads, thread_name_prefix="velofit-times") if threads > 1 else nullcontext() as pool:
-        for group, group_times in _timing_groups(n_cells, sample, t_sample):
+        for group, group_times in _timing_groups(n_cells, previous):
             for start in range(0, group.size, block):
                 rows_block = column_index(group[start : start + block])  # a slice where consecutive
                 mu, ms, w = (_rows_block(a, rows_block, block, cols, width) for a in arrays)
@@ -738,9 +744,13 @@ def _assign_times(theta, previous, arrays, cols, std_u, std_s, config: EMConfig,
     return t, loss
 
 
-def _timing_groups(n_cells: int, sample: np.ndarray, t_sample: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+def _timing_groups(n_cells: int, previous) -> list[tuple[np.ndarray, Any]]:
     """The cells in the order :func:`_assign_times` times them, as sorted groups with their
-    previous times: the iterated cells (``sample``, ``t_sample``), then the others (``None``)."""
+    previous times: the iterated cells (``sample``, ``t_sample`` of ``previous``), then the
+    others (``None``); without ``previous``, all cells in order (``None``)."""
+    if previous is None:
+        return [(np.arange(n_cells), None)]
+    t_sample, sample = previous
     rest = np.ones(n_cells, bool)
     rest[sample] = False
     return [(sample, t_sample), (np.flatnonzero(rest), None)]

@@ -117,7 +117,7 @@ def repression_length(params: KineticParams):
     return _REPRESSION_DECADES / jnp.minimum(params.beta, params.gamma)
 
 
-def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
+def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True, penalty=None):
     """Reassign every cell's time given the parameters, never worsening any cell.
 
     Parameters
@@ -137,6 +137,10 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     full
         With ``exact``: search the whole trajectory (``True``) or refine ``t_prev`` within
         its phase (``False``, :func:`~velofit.core.exact_time.local_times`); Python or traced.
+    penalty
+        Optional ``(2, config.n_grid, n_genes)`` penalty of every grid point of the full
+        exact search (:func:`~velofit.core.exact_time.exact_times`; the learned time prior's,
+        :func:`velofit.core.time_prior.prior_penalty`); ``None`` or zeros: the nearest point.
 
     Returns
     -------
@@ -150,8 +154,8 @@ def e_step(theta, t_prev, data: GeneData, exact, config: EMConfig, full=True):
     def exact_branch():
         args = (u, data.ms, p, length, std_u, data.std_s, config.n_grid, config.n_newton)
         if t_prev is None or full is True:
-            return exact_times(*args)
-        return jax.lax.cond(full, lambda: exact_times(*args), lambda: local_times(t_prev, *args))
+            return exact_times(*args, penalty=penalty)
+        return jax.lax.cond(full, lambda: exact_times(*args, penalty=penalty), lambda: local_times(t_prev, *args))
 
     def explicit_branch():
         return explicit_times(u, data.ms, p, length, std_u, data.std_s)
@@ -205,7 +209,8 @@ def init(data: GeneData, theta0) -> EMState:
     )
 
 
-def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=True, m_step=True) -> EMState:
+def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=True, m_step=True,
+         penalty=None) -> EMState:
     """One EM iteration (M-step, then E-step) on the genes that have not converged.
 
     Parameters
@@ -223,6 +228,8 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=Tru
     m_step
         Update the parameters first (Python or traced boolean); ``False`` only reassigns
         the times.
+    penalty
+        Grid penalty of a full exact E-step (see :func:`e_step`).
 
     Returns
     -------
@@ -238,7 +245,7 @@ def step(state: EMState, data: GeneData, exact: bool, config: EMConfig, full=Tru
         theta, damping, t_m = update()
     else:
         theta, damping, t_m = jax.lax.cond(m_step, update, lambda: (state.theta, state.damping, state.t))
-    t, loss = e_step(theta, t_m, data, exact, config, full)
+    t, loss = e_step(theta, t_m, data, exact, config, full, penalty)
     active = ~state.converged
     gain = (state.loss - loss) / jnp.maximum(state.loss, 1e-300)
     keep = active[None, :]
@@ -305,7 +312,7 @@ def start(data: GeneData, theta0, config: EMConfig) -> EMCarry:
     return EMCarry(jnp.int32(0), jnp.asarray(n_explicit == 0), jnp.int32(0), state, trace)
 
 
-def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, final=False):
+def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, final=False, penalty=None):
     """Run at most ``n_steps`` more iterations of the two-stage schedule.
 
     Parameters
@@ -321,6 +328,9 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, fina
     final
         Instead, time every row under the carried parameters: one full exact E-step and no
         M-step, whatever the schedule (:func:`assign_times`; Python or traced boolean).
+    penalty
+        Optional ``(2, config.n_grid, n_genes)`` grid penalty of that final E-step (see
+        :func:`e_step`): the learned time prior's; the EM's own iterations never see it.
 
     Returns
     -------
@@ -329,6 +339,8 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, fina
     """
     n_explicit = min(config.n_explicit, config.max_iter)
     n_exact = config.max_iter - n_explicit
+    if penalty is not None and final is not True:
+        penalty = jnp.where(final, penalty, 0.0)  # x + 0 == x: the EM's searches are unchanged
 
     def schedule_open(carry):
         it, exact, n_exact_done, st, _ = carry
@@ -341,7 +353,7 @@ def advance(carry: EMCarry, data: GeneData, config: EMConfig, n_steps: int, fina
         # Exact throughout needs no branch: the explicit E-step is then compiled only for init.
         full = final | (n_exact_done < 2) | (n_exact_done % config.full_every == 0)
         st = step(st, data, True if n_explicit == 0 else exact | final, config, full,
-                  m_step=True if final is False else ~final)
+                  m_step=True if final is False else ~final, penalty=penalty)
         tr = tr.at[it + 1].set(jnp.where(active, st.loss, jnp.nan))
         it = it + 1
         n_exact_done = n_exact_done + exact.astype(jnp.int32)
@@ -407,7 +419,7 @@ def timing_carry(theta, t_prev, max_iter: int) -> EMCarry:
     return EMCarry(np.int32(0), np.bool_(True), np.int32(0), state, np.zeros((max_iter + 1, width), theta.dtype))
 
 
-def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMConfig, n_steps: int):
+def fit_step(carry: EMCarry, data: GeneData, theta0, penalty, begin, final, config: EMConfig, n_steps: int):
     """Everything the per-gene fit computes, as one function so that it is compiled once.
 
     XLA compiles every program on its own, in seconds (most of a small fit's time), even
@@ -416,7 +428,8 @@ def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMCon
 
     - ``begin``: :func:`start` from ``theta0`` (``carry`` is ignored), then :func:`advance`;
     - ``final``: :func:`assign_times` of the carried parameters and times (a carry from
-      :func:`timing_carry`);
+      :func:`timing_carry`), with the grid ``penalty`` (the learned time prior's: the
+      prior's separate program took about a second to compile);
     - otherwise :func:`advance` ``n_steps`` more iterations.
 
     Parameters
@@ -427,6 +440,9 @@ def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMCon
         Observed data of the rows.
     theta0
         ``(5, n_genes)`` initial log-parameters, read with ``begin`` only.
+    penalty
+        ``(2, config.n_grid, n_genes)`` grid penalty, read with ``final`` only (zeros: the
+        nearest point; :func:`velofit.core.time_prior.prior_penalty`).
     begin, final
         Traced booleans choosing the branch (not both).
     config
@@ -440,7 +456,7 @@ def fit_step(carry: EMCarry, data: GeneData, theta0, begin, final, config: EMCon
     ``carry.state.loss`` are those of :func:`assign_times`.
     """
     carry = jax.lax.cond(begin, lambda: start(data, theta0, config), lambda: carry)
-    return advance(carry, data, config, n_steps, final)
+    return advance(carry, data, config, n_steps, final, penalty)
 
 
 fit_step_jit = jax.jit(fit_step, static_argnames=("config", "n_steps"))

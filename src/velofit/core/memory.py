@@ -48,14 +48,16 @@ def bytes_per_gene(n_cells: int, config: EMConfig = DEFAULT_CONFIG) -> int:
     n_cells
         Number of cells.
     config
-        EM settings (the M-step's cell subset and the loss trace).
+        EM settings (the M-step's cell subset, the loss trace, and the grid of the time
+        prior's penalty: the program's argument and its copy, zeroed in the EM's iterations).
 
     Returns
     -------
     Bytes per gene (float64 throughout).
     """
     n_sample = min(n_cells, config.n_jacobian_cells)
-    return 8 * (HOST_ARRAYS * n_cells + XLA_ARRAYS * n_sample + 4 * (config.max_iter + 1) + 256)
+    per_grid = 2 * (2 * config.n_grid)
+    return 8 * (HOST_ARRAYS * n_cells + XLA_ARRAYS * n_sample + 4 * (config.max_iter + 1) + per_grid + 256)
 
 
 def default_chunk_size(n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES, config: EMConfig = DEFAULT_CONFIG) -> int:

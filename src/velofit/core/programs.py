@@ -7,7 +7,8 @@ A chunk of ``width`` genes runs one program, :func:`velofit.core.hard_em.fit_ste
    iterations, then :func:`velofit.core.hard_em.advance` a few iterations at a time (the
    fit regroups unfinished genes between calls), then
 2. the final exact time assignment (:func:`velofit.core.hard_em.assign_times`) of every cell,
-   in blocks of ``n_sample`` cells.
+   in blocks of ``n_sample`` cells, with the learned time prior's grid penalty
+   (:mod:`velofit.core.time_prior`) or none (the nearest point).
 
 XLA compiles a program in seconds, most of a small fit's time. Compiled as three programs
 (start, advance, time assignment) the fit took 7.0 s to trace and compile at 64 genes
@@ -24,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .compile_cache import compiled
 from .hard_em import EMCarry, EMConfig, EMState, fit_step_jit
@@ -66,7 +68,7 @@ def _gene_data(n_cells: int, width: int) -> GeneData:
 def fit_program(n_rows: int, width: int, config: EMConfig, device: jax.Device) -> Any:
     """Compiled :func:`velofit.core.hard_em.fit_step` (advancing :data:`ADVANCE_STEPS` iterations).
 
-    Called as ``f(carry, data, theta0, begin, final) -> (carry, done)``.
+    Called as ``f(carry, data, theta0, penalty, begin, final) -> (carry, done)``.
 
     Parameters
     ----------
@@ -85,10 +87,44 @@ def fit_program(n_rows: int, width: int, config: EMConfig, device: jax.Device) -
     """
     flag = jax.ShapeDtypeStruct((), jnp.bool_)
     args = (carry_spec(n_rows, width, config), _gene_data(n_rows, width), jax.ShapeDtypeStruct((5, width), jnp.float64),
-            flag, flag)
-    # The time prior runs after this program (velofit.core.time_prior): one executable serves both settings.
+            penalty_spec(width, config), flag, flag)
+    # The time prior only changes the penalty the program is given: one executable serves both settings.
     em_only = config._replace(time_prior=EMConfig._field_defaults["time_prior"])
     return compiled(fit_step_jit, args, static={"config": em_only, "n_steps": ADVANCE_STEPS}, device=device)
+
+
+def penalty_spec(width: int, config: EMConfig) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of the program's grid penalty: ``(2, config.n_grid, width)`` float64.
+
+    Parameters
+    ----------
+    width
+        Genes per chunk.
+    config
+        EM settings (``n_grid``).
+
+    Returns
+    -------
+    ``jax.ShapeDtypeStruct``.
+    """
+    return jax.ShapeDtypeStruct((2, config.n_grid, width), jnp.float64)
+
+
+def no_penalty(width: int, config: EMConfig) -> np.ndarray:
+    """The grid penalty of the EM's own iterations and of nearest-point timing: zeros.
+
+    Parameters
+    ----------
+    width
+        Genes per chunk.
+    config
+        EM settings (``n_grid``).
+
+    Returns
+    -------
+    ``(2, config.n_grid, width)`` float64 zeros (a NumPy array: no program is compiled to make it).
+    """
+    return np.zeros(penalty_spec(width, config).shape)
 
 
 def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:

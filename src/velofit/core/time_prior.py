@@ -20,8 +20,10 @@ choices:
    ``pi_j N(x_i; mu(t_j), sigma^2)`` (the EM's own grid search, with the penalty
    ``-2 sigma^2 log pi_j`` added to each grid point's distance) and is refined by Newton
    steps on the distance to the curve; the phase of higher posterior wins
-   (:func:`prior_times`, :func:`~velofit.core.exact_time.exact_times`): the time is the
-   nearest point within the branch of the curve the prior chose.
+   (:func:`prior_penalty`, :func:`~velofit.core.exact_time.exact_times`): the time is the
+   nearest point within the branch of the curve the prior chose. The fit runs this search
+   in its own compiled program (:func:`velofit.core.hard_em.fit_step`'s last pass, given the
+   penalty of :func:`learn_penalties`).
 
 With a prior uniform in time and a small ``sigma`` this is the nearest point again; the
 learned prior only changes which branch a cell is put on where the data cannot tell, and
@@ -34,39 +36,30 @@ The kinetic parameters are those of the hard EM: this step only reads them.
 
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._io import column_index, padded_columns
+from .._io import padded_columns
 from .compile_cache import compiled
-from .exact_time import exact_times
 from .hard_em import repression_length
 from .kinetics import KineticParams, trajectory
 from .mstep import params_from_log
 
 #: Prior mass spread evenly over the grid at every update (no grid time becomes impossible).
 PRIOR_FLOOR = 1e-4
-#: Grid points per phase (as many as the EM's default ``EMConfig.n_grid``). On scVelo's
-#: simulator (2,000 x 200, noise level 1) 32 points with 10 iterations and 50 with 30 gave a
-#: median time Spearman of 0.8875 and 0.8851 (nearest points: 0.865).
-N_GRID = 32
-#: EM iterations of the prior (10 and 30 gave 0.8846 and 0.8851 at 50 points).
+#: EM iterations of the prior. It is learned on the EM's grid (``EMConfig.n_grid``): on
+#: scVelo's simulator (2,000 x 200, noise level 1) 32 points with 10 iterations and 50 with 30
+#: gave a median time Spearman of 0.8875 and 0.8851 (nearest points: 0.865); 50 points with 10
+#: iterations 0.8846.
 N_ITER = 10
 #: Standard deviation, in grid points, of the smoothing of the prior's counts.
 SMOOTHING = 1.0
-#: Newton steps of the refinement from the MAP grid time (the EM's ``EMConfig.n_newton``).
-N_NEWTON = 2
-#: Genes of one call of the kernels: the prior's ``(genes, 1,024 cells, 2 N_GRID)`` float64
+#: Genes of one call of the prior's program: its ``(genes, 1,024 cells, 2 n_grid)`` float64
 #: arrays stay at about 52 MB, whatever the chunk width.
 GROUP_GENES = 64
-#: Cells per call of the time assignment (its arrays are ``(cells, genes)``).
-BLOCK_CELLS = 1024
 #: Smallest variance used (a noise-free fit has loss 0: its posterior is its nearest point).
 _MIN_VARIANCE = 1e-30
 
@@ -183,62 +176,51 @@ def learn_prior(u, s, params: KineticParams, tau_max, std_u, std_s, variance, *,
     return jnp.log(prior.astype(dist.dtype)).T
 
 
-def prior_times(u, s, params: KineticParams, tau_max, std_u, std_s, variance, log_prior, *, n_grid: int,
-                n_newton: int):
-    """Each cell's time: the nearest point of the branch holding its MAP grid time under the prior.
+def prior_penalty(variance, log_prior):
+    """The exact search's grid penalty under a learned prior: ``-2 sigma^2 log pi_j``.
 
-    The MAP grid point of each phase minimises ``distance - 2 sigma^2 log pi_j``; it is found by
-    :func:`~velofit.core.exact_time.exact_times`' grid search with that penalty and refined
-    by Newton steps on the distance; the phase of higher posterior wins.
+    With it, :func:`~velofit.core.exact_time.exact_times` finds each phase's MAP grid point
+    (distance plus penalty), refines it by Newton steps on the distance alone (the nearest
+    point of that branch of the curve) and keeps the phase of higher posterior.
 
     Parameters
     ----------
-    u, s, params, tau_max, std_u, std_s, variance
-        As for :func:`learn_prior`.
+    variance
+        ``(n_genes,)`` residual variance per species (floored at a tiny positive value).
     log_prior
         ``(2 n_grid, n_genes)`` from :func:`learn_prior`.
-    n_grid, n_newton
-        Grid points per phase and Newton steps of the refinement (static).
 
     Returns
     -------
-    ``(t, dist)``: ``(n_cells, n_genes)`` absolute times and their squared scaled distances.
+    ``(2, n_grid, n_genes)`` non-negative penalty, induction first.
     """
+    n_genes = log_prior.shape[-1]
     penalty = -2.0 * jnp.maximum(variance, _MIN_VARIANCE) * log_prior
-    return exact_times(u, s, params, tau_max, std_u, std_s, n_grid=n_grid, n_newton=n_newton,
-                       penalty=penalty.reshape(2, n_grid, -1))
-
-
-def _scaled(theta, mu, std_u):
-    p = params_from_log(theta)
-    return p, mu / p.scaling, std_u / p.scaling, repression_length(p)
+    return penalty.reshape(2, -1, n_genes)
 
 
 @partial(jax.jit, static_argnames=("n_grid", "n_iter"))
-def _learn_prior_jit(theta, mu, ms, std_u, std_s, variance, smoothing, *, n_grid, n_iter):
-    p, u, std_u, tau_max = _scaled(theta, mu, std_u)
-    return learn_prior(u, ms, p, tau_max, std_u, std_s, variance, n_grid=n_grid, n_iter=n_iter,
-                       smoothing=smoothing)
+def _learn_penalty_jit(theta, mu, ms, std_u, std_s, variance, smoothing, *, n_grid, n_iter):
+    p = params_from_log(theta)
+    log_prior = learn_prior(mu / p.scaling, ms, p, repression_length(p), std_u / p.scaling, std_s, variance,
+                            n_grid=n_grid, n_iter=n_iter, smoothing=smoothing)
+    return prior_penalty(variance, log_prior)
 
 
-@partial(jax.jit, static_argnames=("n_grid", "n_newton"))
-def _prior_times_jit(theta, mu, ms, std_u, std_s, variance, log_prior, *, n_grid, n_newton):
-    p, u, std_u, tau_max = _scaled(theta, mu, std_u)
-    return prior_times(u, ms, p, tau_max, std_u, std_s, variance, log_prior, n_grid=n_grid, n_newton=n_newton)
+def learn_penalties(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray], genes: np.ndarray, std_u: np.ndarray,
+                    std_s: np.ndarray, variance: np.ndarray, sample: np.ndarray, device: jax.Device, width: int,
+                    n_grid: int) -> np.ndarray:
+    """Learn each fitted gene's time prior and return the grid penalty that times cells under it.
 
-
-def assign_prior_times(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray, np.ndarray], genes: np.ndarray,
-                       std_u: np.ndarray, std_s: np.ndarray, variance: np.ndarray, sample: np.ndarray,
-                       device: jax.Device, width: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Every cell's time under each gene's learned prior, for fitted genes (host loop over blocks).
+    The fit then times every cell with its own compiled program, given this penalty
+    (:func:`velofit.core.hard_em.fit_step`'s ``final`` branch).
 
     Parameters
     ----------
     theta
         ``(5, n_genes)`` fitted log-parameters.
     arrays
-        ``(mu, ms, weights)``: ``(n_cells, k)`` moments and boolean mask of the cells each gene
-        was fitted on, read at columns ``genes`` one block of rows at a time.
+        ``(mu, ms)``: ``(n_cells, k)`` moments, read at columns ``genes`` and rows ``sample``.
     genes
         ``(n_genes,)`` sorted positions of the fitted genes in ``arrays``.
     std_u, std_s
@@ -255,67 +237,26 @@ def assign_prior_times(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray, 
     device
         Device to run on.
     width
-        The fit's compiled chunk width: the kernels run on ``min(width, GROUP_GENES)``
+        The fit's compiled chunk width: the prior is learned on ``min(width, GROUP_GENES)``
         genes at a time (padded by repeating the first), one shape however many of a chunk's
-        genes were fitted, so that a gene's times do not depend on its neighbours, bitwise.
-    threads
-        Blocks of cells timed at once (the result does not depend on it): XLA runs one
-        program at a time per caller (``velofit.core.fit``'s last pass does the same).
+        genes were fitted, so that a gene's prior does not depend on its neighbours, bitwise.
+    n_grid
+        Grid points per phase (the EM's ``n_grid``: the penalty is laid on its search's grid).
 
     Returns
     -------
-    ``(t, loss)``: ``(n_cells, n_genes)`` float64 absolute times and the ``(n_genes,)`` sum of
-    the fitted cells' squared scaled distances at them (block sums added in block order).
+    ``(2, n_grid, n_genes)`` float64 penalty (:func:`prior_penalty`).
     """
-    mu, ms, weights = arrays
-    n_cells, n_genes = mu.shape[0], genes.size
-    smoothing = smoothing_matrix(N_GRID, SMOOTHING)
-    out = np.empty((n_cells, n_genes))
-    loss = np.zeros(n_genes)
-    block = min(BLOCK_CELLS, n_cells)
+    mu, ms = arrays
+    n_genes = genes.size
+    smoothing = jax.device_put(smoothing_matrix(n_grid, SMOOTHING), device)
+    out = np.empty((2, n_grid, n_genes))
     width = min(GROUP_GENES, width)
-    pending: deque = deque()
-
-    def collect() -> None:
-        rows, at, n, result = pending.popleft()
-        t, dist = (np.asarray(a)[:n, : at.stop - at.start] for a in (result.result() if isinstance(result, Future)
-                                                                      else result))
-        out[rows, at] = t
-        loss[at] += np.sum(np.where(weights[rows, column_index(genes[at])], dist, 0.0), axis=0)
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="velofit-prior") if threads > 1 else nullcontext() as pool:
-        for start in range(0, n_genes, width):
-            cols = np.arange(start, min(start + width, n_genes))
-
-            def columns(a, rows=None, n_rows=None, at=cols):
-                values = a if rows is None else a[rows]
-                padded = padded_columns(np.asarray(values, np.float64), at, width)
-                if n_rows is not None and padded.shape[0] < n_rows:  # repeat the first row
-                    padded = np.concatenate([padded, np.repeat(padded[:1], n_rows - padded.shape[0], axis=0)])
-                return padded
-
-            per_gene = jax.device_put(tuple(columns(a) for a in (theta, std_u, std_s, variance)), device)
-            sample_rows = jax.device_put(tuple(columns(a, sample, at=genes[cols]) for a in (mu, ms)), device)
-            learn = compiled(_learn_prior_jit, (per_gene[0], *sample_rows, *per_gene[1:], smoothing),
-                             static={"n_grid": N_GRID, "n_iter": N_ITER}, device=device)
-            log_prior = learn(per_gene[0], *sample_rows, *per_gene[1:], jax.device_put(smoothing, device))
-            for first in range(0, n_cells, block):
-                rows = slice(first, min(first + block, n_cells))
-                # Gathered here, in this thread (glibc's per-thread heaps: velofit._heap); the
-                # pool only runs the compiled program.
-                mu_b, ms_b = jax.device_put(tuple(columns(a, rows, block, genes[cols]) for a in (mu, ms)), device)
-                args = (per_gene[0], mu_b, ms_b, *per_gene[1:], log_prior)
-                times = compiled(_prior_times_jit, args, static={"n_grid": N_GRID, "n_newton": N_NEWTON},
-                                 device=device)
-                run = partial(_run_blocking, times, args)
-                pending.append((rows, slice(start, start + cols.size), rows.stop - rows.start,
-                                pool.submit(run) if pool else run()))
-                if len(pending) > threads + 1:  # blocks waiting: memory does not grow with the cells
-                    collect()
-        while pending:
-            collect()
-    return out, loss
-
-
-def _run_blocking(program, args):
-    return jax.block_until_ready(program(*args))
+    for start in range(0, n_genes, width):
+        cols = np.arange(start, min(start + width, n_genes))
+        per_gene = [padded_columns(np.asarray(a, np.float64), cols, width) for a in (theta, std_u, std_s, variance)]
+        rows = [padded_columns(np.asarray(a[sample], np.float64), genes[cols], width) for a in (mu, ms)]
+        args = jax.device_put((per_gene[0], *rows, *per_gene[1:]), device) + (smoothing,)
+        learn = compiled(_learn_penalty_jit, args, static={"n_grid": n_grid, "n_iter": N_ITER}, device=device)
+        out[:, :, cols] = np.asarray(learn(*args))[:, :, : cols.size]
+    return out
