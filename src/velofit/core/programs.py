@@ -87,27 +87,10 @@ def fit_program(n_rows: int, width: int, config: EMConfig, device: jax.Device) -
     """
     flag = jax.ShapeDtypeStruct((), jnp.bool_)
     args = (carry_spec(n_rows, width, config), _gene_data(n_rows, width), jax.ShapeDtypeStruct((5, width), jnp.float64),
-            penalty_spec(width, config), flag, flag)
+            jax.ShapeDtypeStruct(no_penalty(width, config).shape, jnp.float64), flag, flag)
     # The time prior only changes the penalty the program is given: one executable serves both settings.
     em_only = config._replace(time_prior=EMConfig._field_defaults["time_prior"])
     return compiled(fit_step_jit, args, static={"config": em_only, "n_steps": ADVANCE_STEPS}, device=device)
-
-
-def penalty_spec(width: int, config: EMConfig) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of the program's grid penalty: ``(2, config.n_grid, width)`` float64.
-
-    Parameters
-    ----------
-    width
-        Genes per chunk.
-    config
-        EM settings (``n_grid``).
-
-    Returns
-    -------
-    ``jax.ShapeDtypeStruct``.
-    """
-    return jax.ShapeDtypeStruct((2, config.n_grid, width), jnp.float64)
 
 
 def no_penalty(width: int, config: EMConfig) -> np.ndarray:
@@ -124,7 +107,7 @@ def no_penalty(width: int, config: EMConfig) -> np.ndarray:
     -------
     ``(2, config.n_grid, width)`` float64 zeros (a NumPy array: no program is compiled to make it).
     """
-    return np.zeros(penalty_spec(width, config).shape)
+    return np.zeros((2, config.n_grid, width))
 
 
 def carry_spec(n_sample: int, width: int, config: EMConfig) -> EMCarry:
