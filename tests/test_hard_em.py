@@ -451,6 +451,29 @@ def test_a_fit_compiles_one_program(monkeypatch):
     assert asked == []  # the EM's program does not depend on the time prior
 
 
+def test_datasets_of_any_gene_count_share_the_compiled_program(monkeypatch):
+    """On a CPU every default chunk is CPU_CHUNK_GENES wide (the last padded), not balanced to
+    the number of genes: above n_jacobian_cells cells, a fit of another dataset (here 60 and then
+    100 genes) needs no new compilation, so the disk cache of one fit serves the next."""
+    from velofit.core import compile_cache
+    from velofit.core.fit import CPU_CHUNK_GENES
+
+    asked = []
+    monkeypatch.setattr(compile_cache, "_load_or_compile",
+                        lambda jitted, *args: asked.append(jitted) or compile_cache._compile(jitted, args[0], args[1]))
+    config = EMConfig(max_iter=3)
+    n_cells = config.n_jacobian_cells + 76
+    mu, ms, _, _ = simulate(n_genes=100, n_cells=n_cells, seed=11)
+    first = fit_genes(mu[:, :60], ms[:, :60], config)
+    compiled_once = list(asked)
+    second = fit_genes(mu, ms, config)
+    assert first.fitted.all() and second.fitted.all()
+    assert asked == compiled_once  # nothing new for 100 genes
+    assert 60 > CPU_CHUNK_GENES and 100 % CPU_CHUNK_GENES and 60 % CPU_CHUNK_GENES  # both padded, differently
+    # The width does not change a gene's fit beyond rounding.
+    np.testing.assert_allclose(second.gamma[:60], first.gamma, rtol=1e-8)
+
+
 def _fit_from(monkeypatch, start, config):
     """fit_genes on the low-noise simulation with the EM started at ``start`` (5 x genes)."""
     import velofit.core.fit as fit_module

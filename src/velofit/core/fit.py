@@ -67,10 +67,16 @@ from .time_prior import learn_penalties
 
 __all__ = ["DEFAULT_MEMORY_BYTES", "ChunkFit", "GeneFit", "default_chunk_size", "fit_chunk", "fit_columns", "fit_genes"]
 
-#: Widest default chunk on a CPU: the EM's ``(<= 1024 cells, genes)`` arrays then stay in
-#: cache. Measured at 5000 cells x 1000 genes on 2 cores: 16-64 genes 14-17 s, 250 genes
-#: 24 s, 500 genes 42 s (warm). A GPU takes the widest chunk the memory budget allows.
-CPU_CHUNK_GENES = 64
+#: Width of every default chunk on a CPU (the last chunk padded; fewer genes make one chunk),
+#: so that one compiled program serves every dataset of at least ``n_jacobian_cells`` cells and
+#: this many genes. Narrow, so that the EM's ``(<= 1024 cells, genes)`` arrays stay in cache (250
+#: genes took 1.5x and 500 genes 2.5x the time of 16-64 at 5,000 x 1,000, warm); a multiple of
+#: the SIMD width but not a power of two (64 was measured slower, likely rows 512 bytes apart
+#: aliasing in the cache). Warm fits on 2 cores, 3 repeats: 5,000 x 1,000 took 3.5-3.8 s at 56
+#: genes, 3.6-3.9 s at 60, 3.8-4.3 s at 63, 4.2-4.7 s at 64; 739 x 949, 2.8 s at 56 and 3.3-3.6 s
+#: at 64; 20,000 x 1,000, 6.0-6.6 s at 56 and 6.4-7.2 s at 63. A GPU takes the widest chunk the
+#: memory budget allows.
+CPU_CHUNK_GENES = 56
 
 STATUS_OK = "ok"
 STATUS_FEW_CELLS = "too few cells with unspliced and spliced counts"
@@ -239,8 +245,9 @@ def fit_columns(
         EM settings.
     chunk_size
         Genes per jitted chunk (padded to at least 2); default: the widest chunk whose
-        working set fits ``memory_budget``, but on a CPU at most about
-        :data:`CPU_CHUNK_GENES` genes, whose iterated arrays stay in cache.
+        working set fits ``memory_budget``, but on a CPU at most :data:`CPU_CHUNK_GENES`
+        genes, whose iterated arrays stay in cache and whose compiled program every fit of
+        as many genes or more shares.
     memory_budget
         Bytes (or a string such as ``"2GB"``) one chunk's working set may use (compiled EM
         buffers and host arrays,
@@ -290,7 +297,10 @@ def fit_columns(
         footprint = partial(_local_footprint, config, device)
     max_width = None
     if resolve_device(device).platform == "cpu":
-        max_width = -(-n_genes // -(-n_genes // CPU_CHUNK_GENES))  # balanced chunks: little padding
+        # Every dataset's chunks as wide (the last padded), not balanced to its number of genes:
+        # one compiled program, cached on disk, then serves every later fit of at least
+        # n_jacobian_cells cells and CPU_CHUNK_GENES genes.
+        max_width = CPU_CHUNK_GENES
     sizes = {"chunk_size": chunk_size, "memory_budget": memory_budget, "max_width": max_width}
     budget = effective_budget(memory_budget, chunk_size)
 
