@@ -170,3 +170,20 @@ def test_default_folder_follows_xdg(tmp_path, monkeypatch):
     monkeypatch.delenv(compile_cache.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert compile_cache.cache_dir() == tmp_path / "velofit" / "xla"
+
+
+def test_cli_uses_the_librarys_cache(monkeypatch):
+    """The CLI reads and writes velofit's own disk cache, not JAX's, so that a CLI run (the
+    README's ``velofit demo``) fills the cache every later fit reads, in Python too;
+    ``--no-compile-cache`` switches it off for the CLI's process."""
+    from pathlib import Path
+
+    from velofit.cli._common import configure_compile_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv(compile_cache.CACHE_ENV, "/some/folder")
+    configure_compile_cache(False)
+    assert compile_cache.cache_dir() == Path("/some/folder")
+    assert jax.config.jax_compilation_cache_dir == before  # JAX's own cache is left as it was
+    configure_compile_cache(True)
+    assert compile_cache.cache_dir() is None

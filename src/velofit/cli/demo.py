@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import CliError, add_fit_options, enable_compile_cache, positive_int
+from ._common import CliError, add_fit_options, configure_compile_cache, positive_int
 from ._files import write_h5ad_atomic
 from ._pipeline import fit_and_derive, preprocess
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pancreas is not None and not args.pancreas.is_file():
         raise CliError(f"--pancreas: file {str(args.pancreas)!r} not found")
     outdir.mkdir(parents=True, exist_ok=True)
-    enable_compile_cache(args.no_compile_cache)
+    configure_compile_cache(args.no_compile_cache)
 
     import velofit as vf
 

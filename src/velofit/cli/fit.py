@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ._common import CliError, add_fit_options, enable_compile_cache
+from ._common import CliError, add_fit_options, configure_compile_cache
 from ._files import check_output, read_input, same_file, write_h5ad_atomic
 from ._pipeline import add_preprocessing_options, fit_and_derive, has_true, preprocess
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if same_file(args.output, source):
             raise CliError(f"OUT is the input file {str(source)!r}; pass --in-place to write into it")
         output = check_output(args.output, overwrite=args.overwrite)
-    enable_compile_cache(args.no_compile_cache)
+    configure_compile_cache(args.no_compile_cache)
 
     adata = read_input(source)
     start = time.perf_counter()
