@@ -24,13 +24,13 @@ from velofit.core.kinetics import KineticParams, trajectory
 N_GRID = EMConfig().n_grid
 _learn = jax.jit(tp.learn_prior, static_argnames=("n_grid", "n_iter"))
 _exact = jax.jit(exact_times, static_argnames=("n_grid", "n_newton"))
+_traj = jax.jit(trajectory)
 
 
 def _times(u, s, params, tau_max, std_u, std_s, variance, log_prior, *, n_grid, n_newton):
     """Each cell's time under the prior: the exact search with the prior's grid penalty."""
     return _exact(u, s, params, tau_max, std_u, std_s, n_grid=n_grid, n_newton=n_newton,
                   penalty=tp.prior_penalty(variance, log_prior))
-_traj = jax.jit(trajectory)
 
 
 def _gene(alpha=5.0, beta=0.5, gamma=0.3, t_=8.0):

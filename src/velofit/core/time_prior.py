@@ -252,10 +252,11 @@ def learn_penalties(theta: np.ndarray, arrays: tuple[np.ndarray, np.ndarray], ge
     smoothing = jax.device_put(smoothing_matrix(n_grid, SMOOTHING), device)
     out = np.empty((2, n_grid, n_genes))
     width = min(GROUP_GENES, width)
+    sampled = [np.asarray(a[sample], np.float64) for a in (mu, ms)]  # once, not per group of genes
     for start in range(0, n_genes, width):
         cols = np.arange(start, min(start + width, n_genes))
         per_gene = [padded_columns(np.asarray(a, np.float64), cols, width) for a in (theta, std_u, std_s, variance)]
-        rows = [padded_columns(np.asarray(a[sample], np.float64), genes[cols], width) for a in (mu, ms)]
+        rows = [padded_columns(a, genes[cols], width) for a in sampled]
         args = jax.device_put((per_gene[0], *rows, *per_gene[1:]), device) + (smoothing,)
         learn = compiled(_learn_penalty_jit, args, static={"n_grid": n_grid, "n_iter": N_ITER}, device=device)
         out[:, :, cols] = np.asarray(learn(*args))[:, :, : cols.size]
